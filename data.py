@@ -1,0 +1,262 @@
+"""Few-shot task sampling from a preprocessed dataset folder ``NAME/{train,val,test}/CLASS/IMAGE``.
+
+A split is decoded once into one uint8 array (cached next to the dataset, memory-mapped when
+`load_into_memory` is off). Every task is drawn from its own seeded generator:
+- training task j of meta-iteration i uses the seed (train_seed, 0, i, j), so a resumed run draws
+  exactly the tasks it would have drawn, whatever happened before;
+- evaluation task t of a split uses (val_seed, split, t), so validation and test tasks are the same
+  across epochs, runs and models (the ensemble test depends on it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+CACHE_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, malformed or too small for the requested tasks."""
+
+
+@dataclass
+class TaskBatch:
+    """T tasks: support [T, N*K, C, H, W] with labels [T, N*K]; queries [T, N*Q, C, H, W] likewise."""
+
+    support_images: Tensor
+    support_labels: Tensor
+    query_images: Tensor
+    query_labels: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_images.shape[0]
+
+    def select(self, index: int) -> "TaskBatch":
+        """Task `index` alone, as a batch of one."""
+        part = slice(index, index + 1)
+        return TaskBatch(self.support_images[part], self.support_labels[part],
+                         self.query_images[part], self.query_labels[part])
+
+    def to(self, device: torch.device) -> "TaskBatch":
+        if self.support_images.device == device:
+            return self
+        non_blocking = device.type == "cuda"
+        return TaskBatch(*(t.to(device, non_blocking=non_blocking) for t in
+                           (self.support_images, self.support_labels, self.query_images, self.query_labels)))
+
+
+@dataclass
+class ImageSplit:
+    """Every image of one split in one array [num_images, H, W, C], grouped by class."""
+
+    images: np.ndarray
+    class_names: list[str]
+    class_starts: np.ndarray  # index of each class's first image
+    class_counts: np.ndarray
+
+    def class_images(self, class_index: int) -> np.ndarray:
+        start = self.class_starts[class_index]
+        return self.images[start:start + self.class_counts[class_index]]
+
+
+def require_dataset(folder: Path, name: str) -> dict:
+    """The dataset's manifest; a clear error with the fixing command when it is not built."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise DatasetError(
+            f"dataset '{name}' is not built: {manifest} does not exist. Build it with:\n"
+            f"  python preprocess/preprocess.py --datasets {name} --dest {folder.parent}")
+    return json.loads(manifest.read_text())
+
+
+def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    channels, height, width = shape
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        array = np.asarray(image, dtype=np.uint8)
+    return array.reshape(height, width, channels)
+
+
+def load_split(folder: Path, split: str, shape: tuple[int, int, int], in_memory: bool = True) -> ImageSplit:
+    """Decode a split at `shape` (C, H, W) once into a cache file, then load that cache.
+
+    Images of another size are resized, so a model trained at one size can be tested on another
+    dataset (cross-domain). The cache is keyed by the manifest, so a rebuilt dataset is re-decoded.
+    """
+    manifest_text = (folder / "manifest.json").read_text()
+    split_folder = folder / split
+    if not split_folder.is_dir():
+        raise DatasetError(f"dataset folder {folder} has no '{split}' split ({split_folder} is missing)")
+    channels, height, width = shape
+    cache_dir = folder / ".cache"
+    stem = f"{split}_{height}x{width}x{channels}"
+    array_path, index_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
+    if index_path.is_file() and array_path.is_file():
+        index = json.loads(index_path.read_text())
+        if index.get("manifest") == manifest_text and index.get("version") == CACHE_VERSION:
+            images = np.load(array_path, mmap_mode=None if in_memory else "r")
+            return ImageSplit(images, index["class_names"], np.array(index["class_starts"]),
+                              np.array(index["class_counts"]))
+
+    class_names = sorted(entry.name for entry in split_folder.iterdir() if entry.is_dir())
+    files_per_class = [sorted(p for p in (split_folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                       for name in class_names]
+    counts = np.array([len(files) for files in files_per_class])
+    if counts.sum() == 0:
+        raise DatasetError(f"split {split_folder} holds no images")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    cache_dir.mkdir(exist_ok=True)
+    temporary = array_path.with_name(f"{stem}.{os.getpid()}.tmp.npy")
+    images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8,
+                                       shape=(int(counts.sum()), height, width, channels))
+    position = 0
+    for files in files_per_class:
+        for path in files:
+            try:
+                images[position] = _decode(path, shape)
+            except OSError as error:
+                raise DatasetError(f"cannot read image {path}: {error}") from None
+            position += 1
+    images.flush()
+    del images
+    os.replace(temporary, array_path)
+    index = {"version": CACHE_VERSION, "manifest": manifest_text, "class_names": class_names,
+             "class_starts": starts.tolist(), "class_counts": counts.tolist()}
+    index_path.write_text(json.dumps(index))
+    return ImageSplit(np.load(array_path, mmap_mode=None if in_memory else "r"), class_names, starts, counts)
+
+
+class TaskSampler:
+    """N-way K-shot tasks with Q queries per class from one split."""
+
+    def __init__(self, split: ImageSplit, ways: int, shots: int, queries: int, mean: np.ndarray,
+                 std: np.ndarray, rotate_classes: bool = False, split_name: str = "split"):
+        self.split, self.ways, self.shots, self.queries = split, ways, shots, queries
+        self.mean = mean.astype(np.float32).reshape(1, 1, 1, -1)
+        self.std = std.astype(np.float32).reshape(1, 1, 1, -1)
+        self.rotate_classes = rotate_classes
+        needed = shots + queries
+        self.eligible = np.flatnonzero(split.class_counts >= needed)
+        excluded = len(split.class_names) - len(self.eligible)
+        if excluded:
+            warnings.warn(f"{split_name}: {excluded} classes have fewer than {needed} images "
+                          f"({shots} support + {queries} query) and are never sampled")
+        if len(self.eligible) < ways:
+            raise DatasetError(
+                f"{split_name}: only {len(self.eligible)} classes have at least {needed} images, "
+                f"fewer than the {ways} ways asked for; lower num_classes_per_set, "
+                f"num_samples_per_class or num_target_samples")
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One task as normalised float32 arrays [N*K, C, H, W], labels [N*K], and the same for queries."""
+        classes = rng.choice(self.eligible, size=self.ways, replace=False)
+        support, query = [], []
+        for class_index in classes:
+            pool = self.split.class_images(class_index)
+            images = pool[rng.choice(len(pool), size=self.shots + self.queries, replace=False)]
+            if self.rotate_classes:
+                images = np.rot90(images, k=int(rng.integers(4)), axes=(1, 2))
+            support.append(images[:self.shots])
+            query.append(images[self.shots:])
+        labels = np.arange(self.ways)  # the class order is random, so labels are shuffled per task
+        return (self._normalise(np.concatenate(support)), np.repeat(labels, self.shots),
+                self._normalise(np.concatenate(query)), np.repeat(labels, self.queries))
+
+    def _normalise(self, images: np.ndarray) -> np.ndarray:
+        floats = (images.astype(np.float32) / 255.0 - self.mean) / self.std
+        return np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
+
+    def batch(self, rngs: list[np.random.Generator], pin_memory: bool = False) -> TaskBatch:
+        tasks = [self.sample(rng) for rng in rngs]
+        tensors = [torch.from_numpy(np.stack([task[part] for task in tasks])) for part in range(4)]
+        tensors[1], tensors[3] = tensors[1].long(), tensors[3].long()
+        if pin_memory:
+            tensors = [t.pin_memory() for t in tensors]
+        return TaskBatch(*tensors)
+
+
+def channel_statistics(split: ImageSplit, max_images: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of a split in [0, 1], from an evenly spaced subset of its images."""
+    step = max(1, len(split.images) // max_images)
+    sample = np.asarray(split.images[::step], dtype=np.float64) / 255.0
+    mean = sample.mean(axis=(0, 1, 2))
+    std = np.maximum(sample.std(axis=(0, 1, 2)), 1e-3)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+class FewShotDataProvider:
+    """Training batches by iteration number and fixed evaluation batches, for one config.
+
+    `normalisation` (mean, std) defaults to the statistics of the training split; a checkpointed
+    model keeps the statistics it was trained with, also when it is tested on another dataset.
+    """
+
+    def __init__(self, config, dataset_folder: Optional[Path] = None, dataset_name: Optional[str] = None,
+                 normalisation: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                 splits: tuple[str, ...] = ("train", "val", "test")):
+        self.config = config
+        self.folder = Path(dataset_folder or config.dataset_folder)
+        self.name = dataset_name or config.dataset_name
+        self.manifest = require_dataset(self.folder, self.name)
+        self.pin_memory = torch.cuda.is_available() and config.device != "cpu"
+        self.splits = {name: load_split(self.folder, name, config.image_shape, config.load_into_memory)
+                       for name in splits}
+        if normalisation is None:
+            train = self.splits.get("train") or load_split(self.folder, "train", config.image_shape, False)
+            normalisation = channel_statistics(train)
+        self.mean, self.std = normalisation
+        self.samplers = {
+            name: TaskSampler(split, config.num_classes_per_set, config.num_samples_per_class,
+                              config.num_target_samples, self.mean, self.std,
+                              rotate_classes=(name == "train" and config.rotate_training_classes),
+                              split_name=f"{self.name}/{name}")
+            for name, split in self.splits.items()
+        }
+        workers = config.num_dataprovider_workers
+        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+
+    def train_batch(self, iteration: int) -> TaskBatch:
+        rngs = [np.random.default_rng([self.config.train_seed, 0, iteration, task])
+                for task in range(self.config.batch_size)]
+        return self.samplers["train"].batch(rngs, self.pin_memory)
+
+    def train_batches(self, start_iteration: int, count: int) -> Iterator[TaskBatch]:
+        """Batches for iterations start..start+count-1, prepared ahead by the worker threads."""
+        if self._pool is None:
+            for iteration in range(start_iteration, start_iteration + count):
+                yield self.train_batch(iteration)
+            return
+        ahead = 2 * self._pool._max_workers
+        pending = [self._pool.submit(self.train_batch, it)
+                   for it in range(start_iteration, min(start_iteration + ahead, start_iteration + count))]
+        next_iteration = start_iteration + len(pending)
+        while pending:
+            batch = pending.pop(0).result()
+            if next_iteration < start_iteration + count:
+                pending.append(self._pool.submit(self.train_batch, next_iteration))
+                next_iteration += 1
+            yield batch
+
+    def evaluation_batches(self, split: str, num_tasks: int, batch_size: int) -> Iterator[TaskBatch]:
+        """The fixed tasks 0..num_tasks-1 of `split`, in batches."""
+        sampler = self.samplers[split]
+        code = SPLIT_CODES[split]
+        for first in range(0, num_tasks, batch_size):
+            rngs = [np.random.default_rng([self.config.val_seed, code, task])
+                    for task in range(first, min(first + batch_size, num_tasks))]
+            yield sampler.batch(rngs, self.pin_memory)

@@ -1,0 +1,240 @@
+"""The experiment: training epochs, validation, checkpoints, resume and the top-N ensemble test.
+
+Folder layout of an experiment (MAML++'s):
+    EXPERIMENT/config.yaml                          the resolved config
+    EXPERIMENT/saved_models/train_model_{epoch}     the best `max_models_to_save` epochs by val accuracy
+    EXPERIMENT/saved_models/train_model_latest      everything needed to resume exactly
+    EXPERIMENT/logs/summary_statistics.csv          one row per epoch
+    EXPERIMENT/test_summary.{json,csv}              the ensemble test (test_summary_{DATASET} cross-domain)
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import FewShotDataProvider
+from few_shot_learning_system import MAMLFewShotClassifier
+from utils.config import ExperimentConfig, save_config
+from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint, saved_epochs,
+                           write_csv, write_json)
+
+CHECKPOINT_FORMAT = 1
+# Keys that decide the shape or meaning of the saved parameters: a checkpoint trained with other
+# values cannot be loaded into this model.
+ARCHITECTURE_KEYS = (
+    "image_channels", "image_height", "image_width", "num_classes_per_set", "cnn_num_filters", "num_stages",
+    "use_bias", "conv_padding", "max_pooling", "per_step_bn_statistics", "number_of_training_steps_per_iter",
+    "learnable_per_layer_per_step_inner_loop_learning_rate", "enable_inner_loop_optimizable_bn_params",
+    "contextual_grad", "num_context_params",
+)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def mean_and_confidence(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval, 1.96 * std / sqrt(n)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(1.96 * values.std() / math.sqrt(len(values)))
+
+
+class ExperimentBuilder:
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.device = select_device(config.device)
+        self.folder = config.experiment_folder
+        self.models_folder = self.folder / "saved_models"
+        self.logs_folder = self.folder / "logs"
+        torch.manual_seed(config.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.model = MAMLFewShotClassifier(config, self.device)
+        # What, besides the tensors, must survive a restart.
+        self.state: dict[str, Any] = {"next_epoch": 0, "epoch_rows": [], "normalisation": None}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self) -> dict[str, Any]:
+        # Task sampling draws from its own seeded generators (data.py), so torch's state is all there is.
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"format": CHECKPOINT_FORMAT, "network": self.model.state_dict(),
+                "optimizer": self.model.optimizer.state_dict(), "scheduler": self.model.scheduler.state_dict(),
+                "rng": rng, "experiment": self.state, "config": self.config.to_dict()}
+
+    def _check_compatible(self, saved_config: dict[str, Any], path: Path) -> None:
+        differing = [f"{key} (checkpoint: {saved_config.get(key)!r}, now: {getattr(self.config, key)!r})"
+                     for key in ARCHITECTURE_KEYS if saved_config.get(key) != getattr(self.config, key)]
+        if differing:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another architecture; differing keys: "
+                + "; ".join(differing) + ". Use the config it was trained with (saved in "
+                f"{self.folder / 'config.yaml'}) or another --experiment_name.")
+
+    def _load(self, path: Path, restore_training: bool) -> dict[str, Any]:
+        checkpoint = load_checkpoint(path)
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
+        self._check_compatible(checkpoint["config"], path)
+        self.model.load_state_dict(checkpoint["network"])
+        if restore_training:
+            self.model.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.model.scheduler.load_state_dict(checkpoint["scheduler"])
+            rng = checkpoint["rng"]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self.state = checkpoint["experiment"]
+        return checkpoint
+
+    def _resume(self) -> None:
+        choice = self.config.continue_from_epoch
+        existing = saved_epochs(self.models_folder) or checkpoint_path(self.models_folder, "latest").exists()
+        if choice == "from_scratch":
+            if existing:
+                raise CheckpointError(
+                    f"{self.models_folder} already holds checkpoints and from_scratch would overwrite them; "
+                    f"resume with --continue_from_epoch latest, or start a new --experiment_name")
+            return
+        path = checkpoint_path(self.models_folder, choice)
+        if choice == "latest" and not path.exists():
+            return  # nothing to resume: a new experiment
+        if not path.exists():
+            raise CheckpointError(f"no checkpoint {path}; saved epochs: {saved_epochs(self.models_folder)}")
+        self._load(path, restore_training=True)
+        print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}")
+
+    def _save_epoch(self, epoch: int) -> None:
+        state = self._checkpoint_state()
+        save_checkpoint(checkpoint_path(self.models_folder, epoch), state)
+        save_checkpoint(checkpoint_path(self.models_folder, "latest"), state)
+        keep = set(self.best_epochs())
+        for old in saved_epochs(self.models_folder):
+            if old not in keep and old <= epoch:
+                checkpoint_path(self.models_folder, old).unlink()
+
+    def best_epochs(self) -> list[int]:
+        """The `max_models_to_save` epochs with the best validation accuracy (later epochs win ties)."""
+        rows = sorted(self.state["epoch_rows"], key=lambda r: (-r["val_accuracy_mean"], -r["epoch"]))
+        return [row["epoch"] for row in rows[:self.config.max_models_to_save]]
+
+    # ------------------------------------------------------------------ training
+    def evaluate(self, provider: FewShotDataProvider, split: str) -> dict[str, np.ndarray]:
+        batch_size = self.config.evaluation_batch_size or self.config.batch_size
+        parts = [self.model.run_validation_iter(batch) for batch in
+                 provider.evaluation_batches(split, self.config.num_evaluation_tasks, batch_size)]
+        return {key: torch.cat([part[key] for part in parts]).numpy() for key in parts[0]}
+
+    def train(self) -> bool:
+        """Train up to `total_epochs`; False when `total_epochs_before_pause` stopped it earlier."""
+        config = self.config
+        provider = FewShotDataProvider(config, splits=("train", "val"))
+        if self.state["normalisation"] is None:
+            self.state["normalisation"] = [provider.mean.tolist(), provider.std.tolist()]
+        epochs_run = 0
+        while self.state["next_epoch"] < config.total_epochs:
+            if epochs_run == config.total_epochs_before_pause:
+                print(f"Paused after {epochs_run} epochs (total_epochs_before_pause); resume with "
+                      f"--continue_from_epoch latest")
+                return False
+            epoch = self.state["next_epoch"]
+            started = time.time()
+            losses, accuracies = [], []
+            first_iteration = epoch * config.total_iter_per_epoch
+            with tqdm(total=config.total_iter_per_epoch, disable=not config.show_progress,
+                      desc=f"epoch {epoch}", leave=False) as bar:
+                for batch in provider.train_batches(first_iteration, config.total_iter_per_epoch):
+                    metrics = self.model.run_train_iter(batch, epoch)
+                    losses.append(metrics["loss"])
+                    accuracies.append(metrics["accuracy"])
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
+            validation = self.evaluate(provider, "val")
+            learning_rate = self.model.optimizer.param_groups[0]["lr"]
+            self.model.scheduler.step()
+            row = {"epoch": epoch,
+                   "train_loss_mean": float(np.mean(losses)), "train_loss_std": float(np.std(losses)),
+                   "train_accuracy_mean": float(np.mean(accuracies)),
+                   "train_accuracy_std": float(np.std(accuracies)),
+                   "val_loss_mean": float(validation["loss"].mean()), "val_loss_std": float(validation["loss"].std()),
+                   "val_accuracy_mean": float(validation["accuracy"].mean()),
+                   "val_accuracy_std": float(validation["accuracy"].std()),
+                   "meta_learning_rate": learning_rate, "epoch_time_s": time.time() - started}
+            self.state["epoch_rows"].append(row)
+            self.state["next_epoch"] = epoch + 1
+            self._save_epoch(epoch)
+            write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+            print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} acc {row['train_accuracy_mean']:.4f} | "
+                  f"val loss {row['val_loss_mean']:.4f} acc {row['val_accuracy_mean']:.4f} | "
+                  f"{row['epoch_time_s']:.1f}s", flush=True)
+            epochs_run += 1
+        return True
+
+    # ------------------------------------------------------------------ the ensemble test
+    def run_ensemble_test(self) -> dict[str, Any]:
+        """Average the softmax outputs of the best epochs on the fixed test tasks; write the summary."""
+        config = self.config
+        latest = checkpoint_path(self.models_folder, "latest")
+        if not latest.exists():
+            raise CheckpointError(f"no trained model in {self.models_folder}: train first (same config, "
+                                  f"without --evaluate_on_test_set_only)")
+        self._load(latest, restore_training=True)
+        epochs = [e for e in self.best_epochs() if checkpoint_path(self.models_folder, e).exists()]
+        if not epochs:
+            raise CheckpointError(f"no epoch checkpoints left in {self.models_folder}")
+        test_name = config.test_dataset or config.dataset_name
+        folder = (config.dataset_folder.parent / test_name) if config.test_dataset else None
+        mean, std = (np.asarray(v, dtype=np.float32) for v in self.state["normalisation"])
+        provider = FewShotDataProvider(config, dataset_folder=folder, dataset_name=test_name,
+                                       normalisation=(mean, std), splits=("test",))
+        labels = torch.cat([batch.query_labels for batch in provider.evaluation_batches(
+            "test", config.num_evaluation_tasks, config.evaluation_batch_size or config.batch_size)]).numpy()
+        val_accuracy = {row["epoch"]: row["val_accuracy_mean"] for row in self.state["epoch_rows"]}
+        per_model, summed = [], None
+        for epoch in epochs:
+            self._load(checkpoint_path(self.models_folder, epoch), restore_training=False)
+            outputs = self.evaluate(provider, "test")
+            summed = outputs["probabilities"] if summed is None else summed + outputs["probabilities"]
+            accuracy, interval = mean_and_confidence(outputs["accuracy"])
+            per_model.append({"epoch": epoch, "val_accuracy": val_accuracy[epoch],
+                              "test_accuracy": accuracy, "test_confidence_95": interval})
+        ensemble_accuracy = (summed.argmax(-1) == labels).mean(axis=1)
+        accuracy, interval = mean_and_confidence(ensemble_accuracy)
+        best_single = per_model[0]  # epochs are ordered by validation accuracy
+        summary = {"dataset": test_name, "trained_on": config.dataset_name,
+                   "num_test_tasks": int(len(ensemble_accuracy)),
+                   "ways": config.num_classes_per_set, "shots": config.num_samples_per_class,
+                   "ensemble_test_accuracy": accuracy, "ensemble_test_confidence_95": interval,
+                   "best_single_model_epoch": best_single["epoch"],
+                   "best_single_model_test_accuracy": best_single["test_accuracy"],
+                   "best_single_model_test_confidence_95": best_single["test_confidence_95"],
+                   "models": per_model}
+        stem = f"test_summary_{test_name}" if config.test_dataset else "test_summary"
+        write_json(self.folder / f"{stem}.json", summary)
+        write_csv(self.folder / f"{stem}.csv", [{k: v for k, v in summary.items() if k != "models"}])
+        print(f"Ensemble of {len(per_model)} models (epochs {epochs}) on {test_name} test, "
+              f"{len(ensemble_accuracy)} tasks: accuracy {100 * accuracy:.2f}% +- {100 * interval:.2f}% "
+              f"(best single model: {100 * best_single['test_accuracy']:.2f}% "
+              f"+- {100 * best_single['test_confidence_95']:.2f}%)", flush=True)
+        return summary
+
+    def run_experiment(self) -> Optional[dict[str, Any]]:
+        """Train (resuming as configured) and end with the ensemble test; or only test."""
+        if self.config.evaluate_on_test_set_only:
+            return self.run_ensemble_test()
+        self._resume()
+        save_config(self.config, self.folder / "config.yaml")
+        if self.train():
+            return self.run_ensemble_test()
+        return None

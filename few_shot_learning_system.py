@@ -1,0 +1,248 @@
+"""The meta-learner: MAML, MAML++ and CxGrad as one inner loop with small, named pieces.
+
+- the update rule: `GradientDescentLearningRule` (MAML) or `LSLRGradientDescentLearningRule` (MAML++);
+- the weight transform: none (MAML, MAML++) or `ContextualGradientScaling` (CxGrad);
+- the query-loss weights per step: the last step only, or MAML++'s annealed multi-step loss.
+
+`inner_loop` is a function of (meta-parameters, tasks) that returns the adapted parameters and the
+losses; the outer loop (`run_train_iter`) averages the query losses over the tasks and steps Adam.
+The method is specified in CXGRAD.md (shared docs); comments cite its steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data import TaskBatch
+from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
+from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
+from utils.config import ExperimentConfig
+
+
+def multi_step_loss_weights(num_steps: int, epoch: int, multi_step_loss_num_epochs: int) -> np.ndarray:
+    """MAML++'s per-step importance of the query loss (MSL) at `epoch`.
+
+    Uniform (1/N) at epoch 0; every step but the last decays by 1/N/msl_epochs per epoch down to
+    0.03/N, and the last step takes what they lose, up to 1 - (N-1)*0.03/N.
+    """
+    weights = np.full(num_steps, 1.0 / num_steps)
+    decay = 1.0 / num_steps / multi_step_loss_num_epochs
+    floor = 0.03 / num_steps
+    weights[:-1] = np.maximum(weights[:-1] - epoch * decay, floor)
+    weights[-1] = min(weights[-1] + epoch * (num_steps - 1) * decay, 1.0 - (num_steps - 1) * floor)
+    return weights
+
+
+def last_step_only(num_steps: int) -> np.ndarray:
+    weights = np.zeros(num_steps)
+    weights[-1] = 1.0
+    return weights
+
+
+def per_task_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of each task: logits [T, B, classes], labels [T, B] -> [T]."""
+    tasks, batch, classes = logits.shape
+    losses = F.cross_entropy(logits.reshape(tasks * batch, classes), labels.reshape(-1), reduction="none")
+    return losses.view(tasks, batch).mean(dim=1)
+
+
+class ContextualGradientScaling(nn.Module):
+    """CxGrad (CXGRAD.md): task context phi -> gamma = g(phi); theta_l <- gamma_l * theta_l / ||theta_l||_F.
+
+    Because BatchNorm follows every conv, fixing a weight's norm at gamma_l leaves the loss unchanged
+    but scales that layer's inner-loop gradient by ||theta_l|| / gamma_l, task by task.
+    """
+
+    def __init__(self, num_context_params: int, conv_weight_names: list[str], context_learning_rate: float):
+        super().__init__()
+        self.conv_weight_names = list(conv_weight_names)
+        self.context_learning_rate = context_learning_rate
+        self.scaling_network = ContextScalingNetwork(num_context_params, len(conv_weight_names))
+
+    def initial_context(self, num_tasks: int) -> Tensor:
+        """Step 1: a fresh zero context for every task."""
+        like = self.scaling_network.layers[0].weight
+        return torch.zeros(num_tasks, self.scaling_network.num_context_params, dtype=like.dtype,
+                           device=like.device, requires_grad=True)
+
+    def rescale(self, fast_params: dict[str, Tensor], context: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Steps 2 and 3a: each backbone conv weight rescaled to Frobenius norm gamma_l; the head untouched."""
+        gamma = self.scaling_network(context)  # [T, L]
+        rescaled = dict(fast_params)
+        for layer, name in enumerate(self.conv_weight_names):
+            weight = fast_params[name]  # [T, out, in, 3, 3]
+            norm = weight.flatten(1).norm(dim=1).view(-1, *([1] * (weight.dim() - 1)))
+            rescaled[name] = gamma[:, layer].view_as(norm) * weight / norm
+        return rescaled, gamma
+
+    def step(self, context: Tensor, context_grad: Tensor) -> Tensor:
+        """Step 3d: phi <- phi - beta * dL/dphi."""
+        return context - self.context_learning_rate * context_grad
+
+
+@dataclass
+class InnerLoopResult:
+    adapted_params: dict[str, Tensor]
+    query_loss: Tensor  # [T], weighted over the steps, in the graph of the meta-parameters
+    query_logits: Tensor  # [T, queries, classes] after the last step
+    support_losses: Tensor  # [steps, T], detached
+    gammas: Optional[Tensor]  # [steps, T, L] for CxGrad, detached
+
+
+class MAMLFewShotClassifier(nn.Module):
+    """Backbone, inner-loop rule, optional CxGrad scaling, and the outer Adam optimiser."""
+
+    def __init__(self, config: ExperimentConfig, device: torch.device):
+        super().__init__()
+        self.config = config
+        self.device = device
+        bn_steps = config.number_of_training_steps_per_iter if config.per_step_bn_statistics else 1
+        self.classifier = VGGReLUNormNetwork(
+            image_shape=config.image_shape, num_classes=config.num_classes_per_set,
+            num_filters=config.cnn_num_filters, num_stages=config.num_stages, use_bias=config.use_bias,
+            conv_padding=config.conv_padding, max_pooling=config.max_pooling, bn_steps=bn_steps,
+            learnable_bn_gamma=config.learnable_bn_gamma, learnable_bn_beta=config.learnable_bn_beta)
+        self.inner_loop_param_names = [
+            name for name, param in self.classifier.named_parameters()
+            if param.requires_grad and (config.enable_inner_loop_optimizable_bn_params or ".norm." not in name)
+        ]
+        if config.learnable_per_layer_per_step_inner_loop_learning_rate:
+            self.inner_loop_optimizer = LSLRGradientDescentLearningRule(
+                self.inner_loop_param_names, config.number_of_training_steps_per_iter,
+                config.init_inner_loop_learning_rate)
+        else:
+            self.inner_loop_optimizer = GradientDescentLearningRule(config.init_inner_loop_learning_rate)
+        self.context: Optional[ContextualGradientScaling] = None
+        if config.contextual_grad:
+            self.context = ContextualGradientScaling(
+                config.num_context_params, self.classifier.conv_weight_names, config.context_params_learning_rate)
+        self.to(device)
+        self.optimizer = torch.optim.Adam(
+            [p for p in self.parameters() if p.requires_grad], lr=config.meta_learning_rate,
+            weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=config.total_epochs, eta_min=config.min_learning_rate)
+
+    # ------------------------------------------------------------------ the inner loop
+    def inner_loop(self, task: TaskBatch, num_steps: int, second_order: bool, query_step_weights: np.ndarray,
+                   track_meta_graph: bool = True) -> InnerLoopResult:
+        """Adapt to every task of `task` at once (tasks are the leading dimension).
+
+        `query_step_weights[k]` weights the query loss after step k (0 skips it). With
+        `track_meta_graph` off (evaluation), no graph to the meta-parameters is kept at all.
+        """
+        tasks = task.num_tasks
+        meta_params = dict(self.classifier.named_parameters())
+        if not track_meta_graph:
+            meta_params = {name: value.detach() for name, value in meta_params.items()}
+        fast = {name: meta_params[name].unsqueeze(0).expand(tasks, *meta_params[name].shape)
+                for name in self.inner_loop_param_names}
+        if not track_meta_graph:
+            fast = {name: value.clone().requires_grad_() for name, value in fast.items()}
+        frozen = {name: value for name, value in meta_params.items() if name not in fast}
+
+        def support_loss(params: dict[str, Tensor], step: int) -> Tensor:
+            logits = self.classifier(task.support_images, {**frozen, **params}, step)
+            return per_task_cross_entropy(logits, task.support_labels)
+
+        context = None
+        if self.context is not None:
+            context = self.context.initial_context(tasks)
+            # Step 2: context warm-up, first order: the outer loop does not differentiate this step.
+            rescaled, _ = self.context.rescale(fast, context)
+            warmup_grad, = torch.autograd.grad(support_loss(rescaled, 0).sum(), context)
+            context = self.context.step(context, warmup_grad)
+            if not track_meta_graph:
+                context = context.detach().requires_grad_()
+
+        query_loss = torch.zeros(tasks, device=task.support_images.device)
+        query_logits = None
+        support_losses, gammas = [], []
+        for step in range(num_steps):
+            if self.context is not None:
+                fast, gamma = self.context.rescale(fast, context)  # step 3a: replace the conv weights
+                gammas.append(gamma.detach())
+            losses = support_loss(fast, step)
+            support_losses.append(losses.detach())
+            # Summing the per-task losses gives each task's own gradient for its own weights.
+            inputs = list(fast.values()) + ([context] if context is not None else [])
+            create_graph = second_order and track_meta_graph
+            # First-order CxGrad still back-propagates through this step's rescaling (to g), whose
+            # saved tensors this gradient would otherwise free.
+            grads = torch.autograd.grad(losses.sum(), inputs, create_graph=create_graph,
+                                        retain_graph=create_graph or (context is not None and track_meta_graph))
+            fast = self.inner_loop_optimizer.update_params(fast, dict(zip(fast, grads)), step)
+            if context is not None:
+                context = self.context.step(context, grads[-1])
+            if not track_meta_graph:
+                fast = {name: value.detach().requires_grad_() for name, value in fast.items()}
+                if context is not None:
+                    context = context.detach().requires_grad_()
+            weight = float(query_step_weights[step])
+            if weight > 0.0 or step == num_steps - 1:
+                with torch.set_grad_enabled(track_meta_graph):
+                    logits = self.classifier(task.query_images, {**frozen, **fast}, step)
+                    if weight > 0.0:
+                        query_loss = query_loss + weight * per_task_cross_entropy(logits, task.query_labels)
+                query_logits = logits
+        return InnerLoopResult(
+            adapted_params=fast, query_loss=query_loss, query_logits=query_logits,
+            support_losses=torch.stack(support_losses),
+            gammas=torch.stack(gammas) if gammas else None)
+
+    # ------------------------------------------------------------------ the outer loop
+    def query_step_weights(self, epoch: int) -> np.ndarray:
+        steps = self.config.number_of_training_steps_per_iter
+        if self.config.use_multi_step_loss_optimization and epoch < self.config.multi_step_loss_num_epochs:
+            return multi_step_loss_weights(steps, epoch, self.config.multi_step_loss_num_epochs)
+        return last_step_only(steps)
+
+    def use_second_order(self, epoch: int) -> bool:
+        """Derivative-order annealing: first order up to `first_order_to_second_order_epoch`."""
+        return self.config.second_order and epoch > self.config.first_order_to_second_order_epoch
+
+    def _chunks(self, task: TaskBatch) -> Iterator[TaskBatch]:
+        """The whole meta-batch at once, or task by task (the readable reference path)."""
+        if self.config.task_batching == "batched":
+            yield task
+        else:
+            for index in range(task.num_tasks):
+                yield task.select(index)
+
+    def run_train_iter(self, task: TaskBatch, epoch: int) -> dict[str, float]:
+        """One meta-update on a meta-batch; returns the mean query loss and accuracy."""
+        self.train()
+        task = task.to(self.device)
+        weights = self.query_step_weights(epoch)
+        second_order = self.use_second_order(epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, correct = [], []
+        for chunk in self._chunks(task):
+            result = self.inner_loop(chunk, self.config.number_of_training_steps_per_iter, second_order, weights)
+            # The meta-loss is the mean over all tasks; each chunk contributes its share.
+            (result.query_loss.sum() / task.num_tasks).backward()
+            losses.append(result.query_loss.detach())
+            correct.append((result.query_logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
+        self.optimizer.step()
+        return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(correct).mean().item()}
+
+    def run_validation_iter(self, task: TaskBatch) -> dict[str, Tensor]:
+        """Adapt (first order) and predict the queries; per-task losses, accuracies and probabilities."""
+        self.eval()
+        task = task.to(self.device)
+        steps = self.config.number_of_evaluation_steps_per_iter
+        losses, accuracies, probabilities = [], [], []
+        for chunk in self._chunks(task):
+            result = self.inner_loop(chunk, steps, second_order=False, query_step_weights=last_step_only(steps),
+                                     track_meta_graph=False)
+            logits = result.query_logits.detach()
+            losses.append(per_task_cross_entropy(logits, chunk.query_labels))
+            accuracies.append((logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
+            probabilities.append(logits.softmax(dim=-1))
+        return {"loss": torch.cat(losses).cpu(), "accuracy": torch.cat(accuracies).cpu(),
+                "probabilities": torch.cat(probabilities).cpu()}

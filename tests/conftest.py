@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny dataset on disk and a tiny, fast config for the training system."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.config import load_config
+
+
+def make_toy_dataset(root: Path, name: str = "toy", classes=(12, 6, 6), per_class: int = 8, size: int = 16,
+                     channels: int = 1, seed: int = 0) -> Path:
+    """Classes are random blob prototypes with pixel noise: learnable in a few iterations."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    for split, count in zip(("train", "val", "test"), classes):
+        for index in range(count):
+            class_folder = folder / split / f"{split}_class{index:03d}"
+            class_folder.mkdir(parents=True)
+            prototype = rng.random((size, size, channels)) > 0.6
+            for sample in range(per_class):
+                noisy = prototype ^ (rng.random(prototype.shape) > 0.92)
+                pixels = (noisy * 255).astype(np.uint8)
+                image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+                image.save(class_folder / f"{sample:02d}.png")
+    (folder / "manifest.json").write_text(json.dumps({"name": name, "image_size": [size, size, channels]}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_datasets(tmp_path_factory) -> Path:
+    """A datasets folder holding 'toy' (grey, 16x16) and 'toy_other' (another seed, for cross-domain)."""
+    root = tmp_path_factory.mktemp("datasets")
+    make_toy_dataset(root, "toy", seed=0)
+    make_toy_dataset(root, "toy_other", seed=1)
+    return root
+
+
+def tiny_overrides(datasets_dir: Path, experiments_dir: Path, **extra) -> dict:
+    overrides = dict(
+        dataset_name="toy", datasets_dir=str(datasets_dir), experiments_dir=str(experiments_dir),
+        experiment_name="tiny", image_height=16, image_width=16, image_channels=1, cnn_num_filters=8,
+        num_stages=3, batch_size=2, num_target_samples=3, number_of_training_steps_per_iter=2,
+        number_of_evaluation_steps_per_iter=2, total_epochs=3, total_iter_per_epoch=3,
+        num_evaluation_tasks=6, max_models_to_save=2, show_progress=False, init_inner_loop_learning_rate=0.1,
+        device="cpu")
+    overrides.update(extra)
+    return overrides
+
+
+@pytest.fixture
+def tiny_config(toy_datasets, tmp_path):
+    """A factory: tiny_config(contextual_grad=True, ...) -> a validated config for the toy dataset."""
+    def build(**extra):
+        return load_config(overrides=tiny_overrides(toy_datasets, tmp_path / "experiments", **extra))
+    return build

@@ -1,0 +1,327 @@
+"""The experiment configuration: one typed, validated object instead of a bag of strings.
+
+Configs use the key names of the MAML++ and CxGrad reference code, so their JSON files load unchanged.
+Precedence: the defaults below < the JSON/YAML file < ``--key value`` options on the command line.
+Every key is checked for its type and range before anything heavy starts; an unknown key is an error
+that names the closest valid key.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or value, or contradicts another key."""
+
+
+def _key(help_text: str, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None):
+    return {"help": help_text, "choices": choices, "minimum": minimum, "maximum": maximum}
+
+
+def _field(default, help_text: str, **limits):
+    return field(default=default, metadata=_key(help_text, **limits))
+
+
+@dataclass
+class ExperimentConfig:
+    # --- experiment and bookkeeping -------------------------------------------------------
+    experiment_name: str = _field("experiment", "folder name of this experiment under experiments_dir")
+    experiments_dir: str = _field("experiments", "where experiment folders are created")
+    seed: int = _field(0, "seed of the model initialisation", minimum=0)
+    train_seed: int = _field(0, "seed of the training task stream", minimum=0)
+    val_seed: int = _field(0, "seed of the fixed validation and test tasks", minimum=0)
+    device: str = _field("auto", "auto picks CUDA when available, else the CPU", choices=("auto", "cpu", "cuda"))
+    show_progress: bool = _field(True, "show a tqdm progress bar during training")
+
+    # --- data -----------------------------------------------------------------------------
+    dataset_name: str = _field("synthetic_glyphs", "dataset to train on (a folder under datasets_dir)")
+    dataset_path: Optional[str] = _field(None, "dataset folder relative to datasets_dir (default: dataset_name)")
+    datasets_dir: str = _field("datasets", "root of the preprocessed datasets (env DATASET_DIR overrides)")
+    image_height: int = _field(28, "image height fed to the network", minimum=4)
+    image_width: int = _field(28, "image width fed to the network", minimum=4)
+    image_channels: int = _field(1, "1 (grey) or 3 (RGB)", choices=(1, 3))
+    num_classes_per_set: int = _field(5, "N: ways per task", minimum=2)
+    num_samples_per_class: int = _field(1, "K: support images per class (shots)", minimum=1)
+    num_target_samples: int = _field(15, "query images per class", minimum=1)
+    batch_size: int = _field(4, "tasks per meta-batch", minimum=1)
+    evaluation_batch_size: Optional[int] = _field(None, "tasks per batch at evaluation (default: batch_size)", minimum=1)
+    augment_images: Optional[bool] = _field(
+        None, "rotate training classes by multiples of 90 degrees (default: on for omniglot only)")
+    load_into_memory: bool = _field(True, "keep decoded images in memory (off: memory-mapped cache)")
+    num_dataprovider_workers: int = _field(0, "background threads preparing task batches", minimum=0)
+    test_dataset: Optional[str] = _field(None, "dataset whose test split the ensemble test uses (cross-domain)")
+
+    # --- schedule -------------------------------------------------------------------------
+    total_epochs: int = _field(100, "epochs of training", minimum=1)
+    total_iter_per_epoch: int = _field(500, "meta-iterations per epoch", minimum=1)
+    total_epochs_before_pause: int = _field(10**6, "stop this invocation after this many epochs (resume later)", minimum=1)
+    continue_from_epoch: str = _field("latest", "'latest', 'from_scratch' or an epoch number")
+    num_evaluation_tasks: int = _field(600, "fixed validation / test tasks", minimum=1)
+    max_models_to_save: int = _field(5, "best epochs kept on disk and ensembled at test time", minimum=1)
+    evaluate_on_test_set_only: bool = _field(False, "only run the ensemble test from saved checkpoints")
+
+    # --- backbone -------------------------------------------------------------------------
+    backbone: str = _field("4-CONV", "the backbone architecture", choices=("4-CONV",))
+    cnn_num_filters: int = _field(48, "filters of every conv layer", minimum=1)
+    num_stages: int = _field(4, "conv blocks (conv3x3 -> BN -> ReLU -> max-pool)", minimum=1)
+    cnn_blocks_per_stage: int = _field(1, "conv layers per stage (only 1 is supported)", choices=(1,))
+    conv_padding: bool = _field(True, "pad 3x3 convolutions by 1")
+    max_pooling: bool = _field(True, "2x2 max-pool after every block (off: stride-2 convolutions)")
+    use_bias: bool = _field(False, "bias on conv layers (BatchNorm makes it redundant)")
+    norm_layer: str = _field("batch_norm", "normalisation after each conv", choices=("batch_norm",))
+    per_step_bn_statistics: bool = _field(False, "separate BatchNorm scale/shift per inner step (MAML++ BNWB)")
+    learnable_bn_gamma: bool = _field(True, "meta-learn the BatchNorm scale")
+    learnable_bn_beta: bool = _field(True, "meta-learn the BatchNorm shift")
+    enable_inner_loop_optimizable_bn_params: bool = _field(False, "adapt BatchNorm scale/shift in the inner loop")
+    dropout_rate_value: float = _field(0.0, "dropout is not used by these methods; must be 0", minimum=0.0, maximum=0.0)
+
+    # --- inner loop -----------------------------------------------------------------------
+    number_of_training_steps_per_iter: int = _field(5, "inner steps during training", minimum=1)
+    number_of_evaluation_steps_per_iter: int = _field(5, "inner steps at validation and test", minimum=1)
+    init_inner_loop_learning_rate: float = _field(0.01, "alpha: the inner-loop learning rate", minimum=0.0)
+    learnable_per_layer_per_step_inner_loop_learning_rate: bool = _field(
+        False, "MAML++ LSLR: meta-learn one inner rate per layer and step")
+
+    # --- outer loop -----------------------------------------------------------------------
+    meta_learning_rate: float = _field(0.001, "Adam learning rate of the outer loop", minimum=0.0)
+    min_learning_rate: float = _field(0.00001, "end of the cosine annealing of the meta learning rate", minimum=0.0)
+    weight_decay: float = _field(0.0, "Adam weight decay of the outer loop", minimum=0.0)
+    second_order: bool = _field(True, "differentiate through the inner-loop gradients")
+    first_order_to_second_order_epoch: int = _field(-1, "first order up to and including this epoch (DA)")
+    use_multi_step_loss_optimization: bool = _field(False, "MAML++ multi-step loss (MSL)")
+    multi_step_loss_num_epochs: int = _field(15, "epochs over which MSL anneals to the last step", minimum=1)
+
+    # --- CxGrad ---------------------------------------------------------------------------
+    contextual_grad: bool = _field(False, "CxGrad: contextual gradient scaling of the backbone")
+    num_context_params: int = _field(100, "P: size of the per-task context vector", minimum=1)
+    context_params_learning_rate: float = _field(1.0, "beta: inner learning rate of the context", minimum=0.0)
+
+    # --- speed ----------------------------------------------------------------------------
+    task_batching: str = _field(
+        "batched", "compute all tasks of a meta-batch at once, or one after another", choices=("batched", "loop"))
+
+    @property
+    def dataset_folder(self) -> Path:
+        root = Path(os.environ.get("DATASET_DIR", self.datasets_dir))
+        return root / (self.dataset_path or self.dataset_name)
+
+    @property
+    def experiment_folder(self) -> Path:
+        return Path(self.experiments_dir) / self.experiment_name
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_channels, self.image_height, self.image_width)
+
+    @property
+    def rotate_training_classes(self) -> bool:
+        if self.augment_images is None:
+            return "omniglot" in self.dataset_name.lower()
+        return self.augment_images
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Keys of the reference configs that carry no meaning here (GPU selection is done by `device`,
+# dataset splitting by preprocess.py, ...). They are accepted so that existing configs load, and
+# dropped from the resolved config.
+IGNORED_REFERENCE_KEYS = frozenset({
+    "gpu_to_use", "use_cuda", "reset_stored_paths", "indexes_of_folders_indicating_class",
+    "sets_are_pre_split", "train_val_test_split", "minimum_per_task_contribution",
+    "learnable_batch_norm_momentum", "init_inner_loop_weight_decay", "labels_as_int",
+    "samples_per_iter", "architecture_name", "num_of_gpus",
+})
+# Misspellings that the reference configs really contain.
+KEY_ALIASES = {"evalute_on_test_set_only": "evaluate_on_test_set_only"}
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+_HINTS = get_type_hints(ExperimentConfig)
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Convert `value` to the declared type of `key`; strings (from the command line) are parsed."""
+    hint = _HINTS[key]
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    where = f"key '{key}' in {source}"
+    if value is None or (optional and isinstance(value, str) and value.lower() in {"none", "null"}):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: expected {base.__name__}, got null")
+    if key == "continue_from_epoch":
+        return _continue_from_epoch(value, where)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise AssertionError(f"unhandled type {hint} of {key}")
+
+
+def _continue_from_epoch(value: Any, where: str) -> str:
+    """'latest' | 'from_scratch' | an epoch number; the reference's -1/-2 mean 'from scratch'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected 'latest', 'from_scratch' or an epoch number, got {value!r}")
+    text = str(value).strip()
+    if text in {"latest", "from_scratch"}:
+        return text
+    try:
+        epoch = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: expected 'latest', 'from_scratch' or an epoch number, got {value!r}") from None
+    return "from_scratch" if epoch < 0 else str(epoch)
+
+
+def _check_limits(config: ExperimentConfig, source: str) -> None:
+    for name, spec in FIELDS.items():
+        value = getattr(config, name)
+        meta = spec.metadata
+        if value is None:
+            continue
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(f"key '{name}' in {source}: expected one of {list(meta['choices'])}, got {value!r}")
+        if meta["minimum"] is not None and value < meta["minimum"]:
+            raise ConfigError(f"key '{name}' in {source}: must be >= {meta['minimum']}, got {value!r}")
+        if meta["maximum"] is not None and value > meta["maximum"]:
+            raise ConfigError(f"key '{name}' in {source}: must be <= {meta['maximum']}, got {value!r}")
+    if config.min_learning_rate > config.meta_learning_rate:
+        raise ConfigError(
+            f"{source}: min_learning_rate ({config.min_learning_rate}) is above meta_learning_rate "
+            f"({config.meta_learning_rate}); the cosine schedule anneals from the second to the first")
+    smallest = min(config.image_height, config.image_width)
+    if smallest >> config.num_stages < 1:
+        raise ConfigError(
+            f"{source}: {config.num_stages} stages halve {config.image_height}x{config.image_width} images "
+            f"below one pixel; lower num_stages or raise image_height/image_width")
+
+
+def unknown_key_error(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(FIELDS) + list(KEY_ALIASES), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see the key table in README.md"
+    return ConfigError(f"unknown key '{key}' in {source}{hint}")
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """Merge `overrides` into `base`, converting each value to its key's type."""
+    merged = dict(base)
+    for raw_key, value in overrides.items():
+        key = KEY_ALIASES.get(raw_key, raw_key)
+        if key in IGNORED_REFERENCE_KEYS:
+            continue
+        if key not in FIELDS:
+            raise unknown_key_error(raw_key, source)
+        merged[key] = _coerce(key, value, source)
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs live in experiment_config/)")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict[str, Any], source: str = "the config") -> ExperimentConfig:
+    """Validate a dict of already-typed values (see `apply_overrides`) into a config."""
+    config = ExperimentConfig(**values)
+    _check_limits(config, source)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Defaults < file at `path` < `overrides` (e.g. parsed from the command line)."""
+    values: dict[str, Any] = {}
+    source = "the defaults"
+    if path is not None:
+        source = str(path)
+        values = apply_overrides(values, read_config_file(path), source)
+    if overrides:
+        values = apply_overrides(values, overrides, "the command line")
+        source = f"{source} with command-line overrides"
+    return build_config(values, source)
+
+
+def save_config(config: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(temporary, path)
+
+
+def parse_command_line(argv: list[str] | None = None) -> ExperimentConfig:
+    """`--name_of_args_json_file PATH` plus `--KEY VALUE` for any config key."""
+    parser = argparse.ArgumentParser(
+        description="Train and test MAML, MAML++ and CxGrad few-shot learners.",
+        epilog="Any config key can be given as --KEY VALUE and overrides the file.")
+    parser.add_argument("--name_of_args_json_file", "--config", dest="config_file", default=None,
+                        help="experiment config (JSON or YAML), e.g. experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml")
+    known, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(rest):
+        token = rest[index]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected command-line argument {token!r}; options look like --batch_size 2")
+        key, _, inline = token[2:].partition("=")
+        if inline:
+            value = inline
+            index += 1
+        elif index + 1 < len(rest) and not rest[index + 1].startswith("--"):
+            value = rest[index + 1]
+            index += 2
+        else:
+            raise ConfigError(f"option --{key} needs a value, e.g. --{key} VALUE")
+        overrides[key] = value
+    return load_config(known.config_file, overrides)
