@@ -227,8 +227,8 @@ class FewShotDataProvider:
                               split_name=f"{self.name}/{name}")
             for name, split in self.splits.items()
         }
-        workers = config.num_dataprovider_workers
-        self._pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+        self.workers = config.num_dataprovider_workers
+        self._pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 0 else None
 
     def train_batch(self, iteration: int) -> TaskBatch:
         rngs = [np.random.default_rng([self.config.train_seed, 0, iteration, task])
@@ -241,7 +241,7 @@ class FewShotDataProvider:
             for iteration in range(start_iteration, start_iteration + count):
                 yield self.train_batch(iteration)
             return
-        ahead = 2 * self._pool._max_workers
+        ahead = 2 * self.workers
         pending = [self._pool.submit(self.train_batch, it)
                    for it in range(start_iteration, min(start_iteration + ahead, start_iteration + count))]
         next_iteration = start_iteration + len(pending)

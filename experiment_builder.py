@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
-from utils.config import ExperimentConfig, save_config
+from utils.config import ConfigError, ExperimentConfig, save_config
 from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint, saved_epochs,
                            write_csv, write_json)
 
@@ -37,7 +37,8 @@ ARCHITECTURE_KEYS = (
 
 def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
+        raise ConfigError("device 'cuda' was asked for, but PyTorch sees no CUDA device; use --device cpu "
+                          "(or --device auto)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

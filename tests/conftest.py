@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +59,17 @@ def tiny_config(toy_datasets, tmp_path):
     def build(**extra):
         return load_config(overrides=tiny_overrides(toy_datasets, tmp_path / "experiments", **extra))
     return build
+
+
+@pytest.fixture
+def scratch_dir():
+    """A temporary folder in RAM (/dev/shm) when it has room, else on disk; removed afterwards.
+
+    Deleting tens of thousands of files (a built Omniglot) is slow on disks mounted with
+    'discard', as pytest's own temporary folders are when it cleans them up later.
+    """
+    shm = Path("/dev/shm")
+    in_ram = shm.is_dir() and shutil.disk_usage(shm).free > (2 << 30)
+    folder = Path(tempfile.mkdtemp(prefix="fsl-test-", dir=shm if in_ram else None))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -139,7 +139,7 @@ IGNORED_REFERENCE_KEYS = frozenset({
     "gpu_to_use", "use_cuda", "reset_stored_paths", "indexes_of_folders_indicating_class",
     "sets_are_pre_split", "train_val_test_split", "minimum_per_task_contribution",
     "learnable_batch_norm_momentum", "init_inner_loop_weight_decay", "labels_as_int",
-    "samples_per_iter", "architecture_name", "num_of_gpus",
+    "samples_per_iter", "architecture_name", "num_of_gpus", "load_from_npz_files", "train_in_stages",
 })
 # Misspellings that the reference configs really contain.
 KEY_ALIASES = {"evalute_on_test_set_only": "evaluate_on_test_set_only"}
@@ -325,3 +325,16 @@ def parse_command_line(argv: list[str] | None = None) -> ExperimentConfig:
             raise ConfigError(f"option --{key} needs a value, e.g. --{key} VALUE")
         overrides[key] = value
     return load_config(known.config_file, overrides)
+
+
+def markdown_key_table() -> str:
+    """The README's table of config keys: `python -m utils.config`."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, spec in FIELDS.items():
+        hint = str(_HINTS[name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        lines.append(f"| `{name}` | {hint} | `{spec.default!r}` | {spec.metadata['help']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_key_table())

@@ -1,0 +1,84 @@
+"""Writes the experiment configs of this folder from the published hyperparameters.
+
+    python experiment_config/generate_configs.py
+
+One folder per setting (`{dataset}_{N}way_{K}shot/`), one file per method: `maml_4conv.json`,
+`maml++_4conv.json` and `CxGrad_4conv.json`, with the MAML++/CxGrad key names. The values follow
+the CxGrad paper's protocol (CXGRAD.md's table) for the ImageNet-style datasets, and MAML++'s
+Omniglot configs for Omniglot. The CPU-budget Omniglot configs (`*_cpu.yaml`) are written by hand.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parent
+
+COMMON = {
+    "train_seed": 0, "val_seed": 0, "seed": 0, "num_dataprovider_workers": 4, "max_models_to_save": 5,
+    "load_into_memory": True, "continue_from_epoch": "latest", "evaluate_on_test_set_only": False,
+    "num_evaluation_tasks": 600, "backbone": "4-CONV", "num_stages": 4, "cnn_blocks_per_stage": 1,
+    "conv_padding": True, "max_pooling": True, "use_bias": False, "norm_layer": "batch_norm",
+    "learnable_bn_gamma": True, "learnable_bn_beta": True, "enable_inner_loop_optimizable_bn_params": False,
+    "dropout_rate_value": 0.0, "weight_decay": 0.0, "meta_learning_rate": 0.001,
+    "number_of_training_steps_per_iter": 5, "number_of_evaluation_steps_per_iter": 5,
+    "second_order": True, "first_order_to_second_order_epoch": -1,
+}
+
+# Dataset-level settings: image shape, filters, inner rate, schedule, queries, meta-batch per shot.
+DATASETS = {
+    "omniglot": dict(image_height=28, image_width=28, image_channels=1, cnn_num_filters=64,
+                     init_inner_loop_learning_rate=0.1, min_learning_rate=0.00001, total_epochs=100,
+                     total_iter_per_epoch=500, num_target_samples=1, batch_size={1: 8, 5: 8}),
+    "mini_imagenet": dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
+                          init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
+                          total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
+    "tiered_imagenet": dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
+                            init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=250,
+                            total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
+    "CIFAR_FS": dict(image_height=32, image_width=32, image_channels=3, cnn_num_filters=48,
+                     init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
+                     total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
+    "CUB": dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
+                init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
+                total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
+}
+SETTINGS = [("omniglot", 5, 1), ("omniglot", 5, 5), ("omniglot", 20, 1), ("omniglot", 20, 5)] + [
+    (name, 5, shots) for name in ("mini_imagenet", "tiered_imagenet", "CIFAR_FS", "CUB") for shots in (1, 5)]
+
+METHODS = {
+    "maml_4conv": dict(learnable_per_layer_per_step_inner_loop_learning_rate=False, per_step_bn_statistics=False,
+                       use_multi_step_loss_optimization=False, multi_step_loss_num_epochs=15,
+                       contextual_grad=False),
+    "maml++_4conv": dict(learnable_per_layer_per_step_inner_loop_learning_rate=True, per_step_bn_statistics=True,
+                         use_multi_step_loss_optimization=True, multi_step_loss_num_epochs=15,
+                         contextual_grad=False),
+    "CxGrad_4conv": dict(learnable_per_layer_per_step_inner_loop_learning_rate=False, per_step_bn_statistics=False,
+                         use_multi_step_loss_optimization=False, multi_step_loss_num_epochs=15,
+                         contextual_grad=True, num_context_params=100, context_params_learning_rate=1.0),
+}
+
+
+def config_for(dataset: str, ways: int, shots: int, method: str) -> dict:
+    settings = dict(DATASETS[dataset])
+    batch_sizes = settings.pop("batch_size")
+    config = {"experiment_name": f"{dataset}_{ways}way_{shots}shot_{method}", "dataset_name": dataset,
+              "dataset_path": dataset, "num_classes_per_set": ways, "num_samples_per_class": shots,
+              "batch_size": batch_sizes[shots], **settings, **COMMON, **METHODS[method]}
+    if dataset == "omniglot" and method == "maml++_4conv":
+        config["multi_step_loss_num_epochs"] = 10  # as in MAML++'s Omniglot configs
+    return config
+
+
+def main() -> None:
+    for dataset, ways, shots in SETTINGS:
+        folder = FOLDER / f"{dataset}_{ways}way_{shots}shot"
+        folder.mkdir(exist_ok=True)
+        for method in METHODS:
+            path = folder / f"{method}.json"
+            path.write_text(json.dumps(config_for(dataset, ways, shots, method), indent=2) + "\n")
+            print(path.relative_to(FOLDER.parent))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Omniglot from the official zips (Lake et al., https://github.com/brendenlake/omniglot).
+
+Sources: `images_background.zip` (964 characters in 30 alphabets) and
+`images_evaluation.zip` (659 characters in 20 alphabets). Inside them images lie at
+`images_background/ALPHABET/characterNN/*.png` (105x105 binary), likewise for evaluation.
+
+Output: every image converted to greyscale ('L'), resized to 28x28 with LANCZOS and saved
+under its original file name in `SPLIT/ALPHABET__CHARACTER/` (e.g. `Latin__character01`).
+Polarity is unchanged from the originals: black strokes on a white background.
+
+Split (fixed; SPLIT_RULE describes it in the manifest, so editing the rule there rebuilds old builds):
+list the 964 background characters, then the 659 evaluation characters, each group
+sorted by (alphabet, character) folder name in plain Python string order. Then
+
+* train = the 964 background characters + the first 186 evaluation characters (1150),
+* val   = the next 50 evaluation characters,
+* test  = the last 423 evaluation characters.
+
+The sizes match the MAML++ Omniglot configuration (train_val_test_split
+[0.70918052988, 0.03080714725, 0.2606284658] of 1623 classes); the exact membership is
+defined by the rule above, so it is reproducible without MAML++'s file listing order.
+Every character has 20 images (drawn by 20 different people).
+
+Rotation augmentation is NOT done here: the training sampler rotates training classes
+by multiples of 90 degrees when it samples tasks, so the folders hold each character
+exactly once.
+
+Source lookup (see `locate_zips`): `--source DIR` if given; otherwise
+`DEST/omniglot_raw/`, then the folder named by the OMNIGLOT_ZIPS environment variable;
+otherwise the zips are downloaded into `DEST/omniglot_raw/` (disable with
+`allow_download=False` or FSL_NO_DOWNLOAD=1).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from preprocess.archives import PreprocessError, safe_extract
+
+BACKGROUND_ZIP = "images_background.zip"
+EVALUATION_ZIP = "images_evaluation.zip"
+SOURCE_ZIPS = (BACKGROUND_ZIP, EVALUATION_ZIP)
+DOWNLOAD_PAGE = "https://github.com/brendenlake/omniglot/tree/master/python"
+DOWNLOAD_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{file_name}"
+DOWNLOAD_TIMEOUT_S = 30
+RAW_FOLDER = "omniglot_raw"
+ZIPS_ENV_VAR = "OMNIGLOT_ZIPS"
+
+IMAGE_SIZE = 28
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
+BACKGROUND_CHARACTERS = 964
+EVALUATION_CHARACTERS = 659
+TRAIN_EVALUATION_CHARACTERS = 186
+VAL_CHARACTERS = 50
+SPLIT_RULE = ("background 964 + first 186 evaluation / next 50 evaluation / last 423 evaluation; "
+              "sorted by (alphabet, character)")
+
+SETTINGS: dict[str, Any] = {
+    "split_rule": SPLIT_RULE,
+    "resize": "convert('L'), LANCZOS to 28x28",
+    "polarity": "black strokes on white background",
+}
+
+Character = tuple[str, str]  # (alphabet, character) folder names
+
+
+def split_characters(background: list[Character], evaluation: list[Character]) -> dict[str, list[Character]]:
+    """Apply the documented split rule to the character lists of the two zips."""
+    background = sorted(background)
+    evaluation = sorted(evaluation)
+    val_end = TRAIN_EVALUATION_CHARACTERS + VAL_CHARACTERS
+    return {
+        "train": background + evaluation[:TRAIN_EVALUATION_CHARACTERS],
+        "val": evaluation[TRAIN_EVALUATION_CHARACTERS:val_end],
+        "test": evaluation[val_end:],
+    }
+
+
+def class_folder_name(character: Character) -> str:
+    alphabet, name = character
+    return f"{alphabet}__{name}"
+
+
+def _missing_zips_message(missing: list[str], searched: list[Path]) -> str:
+    folders = ", ".join(str(folder) for folder in searched) or "(no folder)"
+    return (f"omniglot: {' and '.join(missing)} not found in {folders}. "
+            f"Download {' and '.join(SOURCE_ZIPS)} from {DOWNLOAD_PAGE}, put them in a folder DIR and run: "
+            f"python preprocess/preprocess.py --datasets omniglot --source DIR")
+
+
+def locate_zips(source: Path | None, dest: Path, allow_download: bool) -> dict[str, Path]:
+    """Find both Omniglot zips, downloading them if allowed; returns {file name: path}.
+
+    With an explicit `source` folder nothing else is searched, so a typo in the folder
+    cannot silently fall back to some other copy.
+    """
+    if source is not None:
+        missing = [name for name in SOURCE_ZIPS if not (source / name).is_file()]
+        if missing:
+            raise PreprocessError(_missing_zips_message(missing, [source]))
+        return {name: source / name for name in SOURCE_ZIPS}
+
+    raw_dir = dest / RAW_FOLDER
+    candidates = [raw_dir]
+    if os.environ.get(ZIPS_ENV_VAR):
+        candidates.append(Path(os.environ[ZIPS_ENV_VAR]))
+    found: dict[str, Path] = {}
+    for name in SOURCE_ZIPS:
+        for folder in candidates:
+            if (folder / name).is_file():
+                found[name] = folder / name
+                break
+    missing = [name for name in SOURCE_ZIPS if name not in found]
+    if not missing:
+        return found
+    if not allow_download:
+        raise PreprocessError(_missing_zips_message(missing, candidates) + " (downloading is disabled)")
+    for name in missing:
+        found[name] = _download(name, raw_dir, candidates)
+    return found
+
+
+def _download(file_name: str, raw_dir: Path, searched: list[Path]) -> Path:
+    """Download one zip into `raw_dir`, via a temporary file so a broken download never looks complete."""
+    url = DOWNLOAD_URL.format(file_name=file_name)
+    target = raw_dir / file_name
+    partial = raw_dir / f".{file_name}.download-{os.getpid()}"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    print(f"omniglot: downloading {url}", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        if not zipfile.is_zipfile(partial):
+            raise PreprocessError(f"omniglot: {url} did not return a zip file. "
+                                  + _missing_zips_message([file_name], searched))
+        os.replace(partial, target)
+    except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
+        raise PreprocessError(f"omniglot: download of {url} failed ({exc}). "
+                              + _missing_zips_message([file_name], searched)) from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _list_characters(root: Path, expected: int, zip_path: Path) -> list[Character]:
+    """(alphabet, character) pairs under an extracted `images_*` folder, checked against the expected count."""
+    if not root.is_dir():
+        raise PreprocessError(f"omniglot: {zip_path} does not contain a top-level folder {root.name}/; "
+                              f"is it the official file from {DOWNLOAD_PAGE}?")
+    characters = sorted((alphabet.name, character.name)
+                        for alphabet in root.iterdir() if alphabet.is_dir()
+                        for character in alphabet.iterdir() if character.is_dir())
+    if len(characters) != expected:
+        raise PreprocessError(f"omniglot: {zip_path} holds {len(characters)} characters, expected {expected}; "
+                              f"is it the official file from {DOWNLOAD_PAGE}?")
+    return characters
+
+
+def _convert_character(source_dir: Path, target_dir: Path) -> int:
+    """Resize every image of one character folder; returns the number of images written."""
+    target_dir.mkdir(parents=True)
+    image_paths = sorted(source_dir.glob("*.png"))
+    for image_path in image_paths:
+        with Image.open(image_path) as image:
+            small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+        small.save(target_dir / image_path.name)
+    return len(image_paths)
+
+
+def write_splits(zips: dict[str, Path], out_dir: Path) -> None:
+    """Extract both zips into a temporary folder and write the 28x28 splits into `out_dir`."""
+    with tempfile.TemporaryDirectory(prefix="omniglot-extract-") as extract_dir:
+        extract_root = Path(extract_dir)
+        started = time.perf_counter()
+        for name in SOURCE_ZIPS:
+            safe_extract(zips[name], extract_root)
+        background_root = extract_root / "images_background"
+        evaluation_root = extract_root / "images_evaluation"
+        background = _list_characters(background_root, BACKGROUND_CHARACTERS, zips[BACKGROUND_ZIP])
+        evaluation = _list_characters(evaluation_root, EVALUATION_CHARACTERS, zips[EVALUATION_ZIP])
+        print(f"omniglot: extracted {len(background)} + {len(evaluation)} characters "
+              f"in {time.perf_counter() - started:.1f}s", flush=True)
+
+        background_set = set(background)
+        jobs = []
+        for split, characters in split_characters(background, evaluation).items():
+            for character in characters:
+                root = background_root if character in background_set else evaluation_root
+                jobs.append((root.joinpath(*character), out_dir / split / class_folder_name(character)))
+
+        report_every = -(-len(jobs) // 5)  # five progress lines
+        images = 0
+        for done, (source_dir, target_dir) in enumerate(jobs, start=1):
+            images += _convert_character(source_dir, target_dir)
+            if done % report_every == 0 or done == len(jobs):
+                print(f"omniglot: resized {done}/{len(jobs)} characters ({images} images)", flush=True)

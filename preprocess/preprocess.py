@@ -1,0 +1,298 @@
+"""Build few-shot datasets into the folder layout the training code reads.
+
+Layout: `DEST/NAME/{train,val,test}/CLASS/IMAGE.png` plus `DEST/NAME/manifest.json`:
+
+    {
+      "format_version": 1,
+      "dataset": "omniglot",
+      "image_size": [28, 28, 1],                      # [H, W, C]
+      "splits": {"train": {"classes": 1150, "images": 23000}, ...},
+      "sources": {"images_background.zip": {"sha256": "...", "size_bytes": 8382694}, ...},
+      "settings": {...},                              # seed for generated data, split rule, ...
+      "built_at": "2025-01-01T12:00:00+00:00"
+    }
+
+A dataset folder counts as built only if manifest.json exists. Builds go into a hidden
+sibling `DEST/.NAME.partial-<pid>` that is moved into place with `os.replace` once the
+manifest is written, so an interrupted run never leaves a folder that looks complete;
+leftover partial folders are deleted on the next run. A file lock (`DEST/.NAME.lock`)
+keeps two processes (e.g. several training workers) from building the same dataset at
+once: the second one waits and then finds it built.
+
+Re-running is a no-op ("already built") when the manifest matches the current format,
+image size and settings, and, if source files were named explicitly, their sha256 too;
+`force=True` / `--force` always rebuilds. Without an explicit source folder an existing
+build is trusted without locating the archives again, so training code can call
+`prepare_dataset("omniglot")` on a machine where only the built folder exists.
+
+Adding a dataset means writing one recipe function and adding it to DATASET_RECIPES.
+
+Command line (from the repository root):
+
+    python preprocess/preprocess.py --datasets NAME [NAME ...] [--source DIR] [--dest datasets] [--force] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":
+    # Run as a script, sys.path[0] is preprocess/ itself, where `import preprocess` would
+    # find this file instead of the package. Put the repository root first.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from preprocess import omniglot, synthetic_glyphs  # noqa: E402
+from preprocess.archives import PreprocessError, sha256_file  # noqa: E402
+
+__all__ = ["DATASET_RECIPES", "FORMAT_VERSION", "MANIFEST_NAME", "PreprocessError", "SPLITS", "check_dataset_names",
+           "main", "prepare_dataset", "read_manifest"]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+NO_DOWNLOAD_ENV_VAR = "FSL_NO_DOWNLOAD"
+
+
+@dataclass(frozen=True)
+class DatasetRecipe:
+    """Everything prepare_dataset needs to know to build one dataset.
+
+    `settings` (JSON-serialisable) and the source files together determine the output;
+    both are recorded in the manifest and compared on re-runs. `locate_sources` returns
+    {file name: path} of the archives to hash and build from (empty for generated data)
+    and may download; it is only called when a build or a source check is needed.
+    """
+
+    image_shape: tuple[int, int, int]
+    settings: dict[str, Any]
+    locate_sources: Callable[[], dict[str, Path]]
+    write_splits: Callable[[dict[str, Path], Path], None]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What the user asked for; recipes take what they need from it."""
+
+    source: Path | None
+    dest: Path
+    seed: int
+    allow_download: bool
+
+
+def _synthetic_glyphs_recipe(request: BuildRequest) -> DatasetRecipe:
+    if request.source is not None:
+        print("synthetic_glyphs: generated data has no source files; --source is ignored", flush=True)
+    return DatasetRecipe(
+        image_shape=synthetic_glyphs.IMAGE_SHAPE,
+        settings=synthetic_glyphs.settings(request.seed),
+        locate_sources=dict,
+        write_splits=lambda _sources, out_dir: synthetic_glyphs.write_splits(out_dir, request.seed),
+    )
+
+
+def _omniglot_recipe(request: BuildRequest) -> DatasetRecipe:
+    return DatasetRecipe(
+        image_shape=omniglot.IMAGE_SHAPE,
+        settings=omniglot.SETTINGS,
+        locate_sources=lambda: omniglot.locate_zips(request.source, request.dest, request.allow_download),
+        write_splits=omniglot.write_splits,
+    )
+
+
+def _archive_handling_not_implemented(name: str) -> Callable[[BuildRequest], DatasetRecipe]:
+    """Recipe for a dataset the framework knows about but cannot build from its archives yet."""
+    def refuse(_request: BuildRequest) -> DatasetRecipe:
+        raise PreprocessError(
+            f"{name}: archive handling for this dataset is not implemented yet; "
+            f"datasets that can be built now: {', '.join(IMPLEMENTED_DATASETS)}")
+    return refuse
+
+
+DATASET_RECIPES: dict[str, Callable[[BuildRequest], DatasetRecipe]] = {
+    "synthetic_glyphs": _synthetic_glyphs_recipe,
+    "omniglot": _omniglot_recipe,
+}
+IMPLEMENTED_DATASETS = tuple(DATASET_RECIPES)
+# Known to the training code; building them from their archives is a later addition.
+DATASET_RECIPES.update({name: _archive_handling_not_implemented(name)
+                        for name in ("mini_imagenet", "tiered_imagenet", "CIFAR_FS", "CUB")})
+
+
+def check_dataset_names(names: list[str]) -> None:
+    """Raise PreprocessError listing the valid names if any name is unknown."""
+    unknown = [name for name in names if name not in DATASET_RECIPES]
+    if unknown:
+        raise PreprocessError(f"unknown dataset {', '.join(map(repr, unknown))}; "
+                              f"valid names: {', '.join(DATASET_RECIPES)}")
+
+
+def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of a built dataset folder, or None if the folder is not a complete build."""
+    try:
+        return json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def downloads_disabled_by_env() -> bool:
+    return os.environ.get(NO_DOWNLOAD_ENV_VAR, "").strip() not in ("", "0")
+
+
+def _source_fingerprints(sources: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    return {name: {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+            for name, path in sorted(sources.items())}
+
+
+def _count_splits(dataset_dir: Path) -> dict[str, dict[str, int]]:
+    counts = {}
+    for split in SPLITS:
+        class_dirs = [entry for entry in (dataset_dir / split).iterdir() if entry.is_dir()]
+        images = sum(1 for class_dir in class_dirs for entry in class_dir.iterdir() if entry.suffix == ".png")
+        counts[split] = {"classes": len(class_dirs), "images": images}
+    return counts
+
+
+def _matches_recipe(manifest: dict[str, Any], name: str, recipe: DatasetRecipe) -> bool:
+    """True if an existing build was made by the current code with the current settings."""
+    settings_as_json = json.loads(json.dumps(recipe.settings))  # tuples -> lists, like the stored copy
+    return (manifest.get("format_version") == FORMAT_VERSION
+            and manifest.get("dataset") == name
+            and manifest.get("image_size") == list(recipe.image_shape)
+            and manifest.get("settings") == settings_as_json)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
+                    dest: str | os.PathLike[str] = "datasets", force: bool = False, seed: int = 0,
+                    allow_download: bool = True) -> Path:
+    """Build dataset `name` into `dest/name` unless an up-to-date build exists; returns that folder.
+
+    `source` is the folder holding the dataset's archives (ignored for generated data).
+    `seed` only matters for generated datasets. Downloads happen only when no local copy
+    is found, `allow_download` is true and FSL_NO_DOWNLOAD is unset or 0.
+    Raises PreprocessError with a user-facing message on any problem.
+    """
+    check_dataset_names([name])
+    dest_dir = Path(dest)
+    request = BuildRequest(source=None if source is None else Path(source), dest=dest_dir, seed=seed,
+                           allow_download=allow_download and not downloads_disabled_by_env())
+    recipe = DATASET_RECIPES[name](request)
+    dataset_dir = dest_dir / name
+    dest_dir.mkdir(parents=True, exist_ok=True)
+
+    with _exclusive_lock(dest_dir / f".{name}.lock"):
+        # Holding the lock, any partial or old folder belongs to a run that died.
+        for leftover in sorted([*dest_dir.glob(f".{name}.partial-*"), *dest_dir.glob(f".{name}.old-*")]):
+            print(f"{name}: removing leftover {leftover}", flush=True)
+            _remove(leftover)
+
+        manifest = read_manifest(dataset_dir)
+        sources: dict[str, Path] | None = None
+        if force:
+            reason = "rebuild forced"
+        elif manifest is None:
+            reason = "no manifest" if dataset_dir.exists() else "not built yet"
+        elif not _matches_recipe(manifest, name, recipe):
+            reason = "existing build has a different format or settings"
+        elif request.source is None:
+            print(f"{name}: already built at {dataset_dir}", flush=True)
+            return dataset_dir
+        else:
+            sources = recipe.locate_sources()
+            if _source_fingerprints(sources) == manifest.get("sources"):
+                print(f"{name}: already built at {dataset_dir} from the same sources", flush=True)
+                return dataset_dir
+            reason = "source files differ from the existing build"
+
+        if sources is None:
+            sources = recipe.locate_sources()
+        print(f"{name}: building into {dataset_dir} ({reason})", flush=True)
+        started = time.perf_counter()
+        fingerprints = _source_fingerprints(sources)
+        partial_dir = dest_dir / f".{name}.partial-{os.getpid()}"
+        partial_dir.mkdir()
+        try:
+            recipe.write_splits(sources, partial_dir)
+            splits = _count_splits(partial_dir)
+            new_manifest = {
+                "format_version": FORMAT_VERSION,
+                "dataset": name,
+                "image_size": list(recipe.image_shape),
+                "splits": splits,
+                "sources": fingerprints,
+                "settings": recipe.settings,
+                "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            (partial_dir / MANIFEST_NAME).write_text(json.dumps(new_manifest, indent=2) + "\n")
+            if dataset_dir.exists() or dataset_dir.is_symlink():
+                # Move the old build aside first: os.replace cannot overwrite a non-empty folder.
+                old_dir = dest_dir / f".{name}.old-{os.getpid()}"
+                os.replace(dataset_dir, old_dir)
+                os.replace(partial_dir, dataset_dir)
+                _remove(old_dir)
+            else:
+                os.replace(partial_dir, dataset_dir)
+        except BaseException:
+            _remove(partial_dir)
+            raise
+
+    summary = ", ".join(f"{split} {c['classes']} classes / {c['images']} images" for split, c in splits.items())
+    print(f"{name}: built in {time.perf_counter() - started:.1f}s: {summary}", flush=True)
+    return dataset_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build few-shot datasets into DEST/NAME/{train,val,test}/CLASS/IMAGE.png + manifest.json.",
+        epilog=f"Environment: {omniglot.ZIPS_ENV_VAR}=DIR is searched for the Omniglot zips; "
+               f"{NO_DOWNLOAD_ENV_VAR}=1 disables downloads.")
+    parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME",
+                        help=f"datasets to build: {', '.join(DATASET_RECIPES)}")
+    parser.add_argument("--source", type=Path, metavar="DIR", help="folder holding the dataset's archives")
+    parser.add_argument("--dest", type=Path, default=Path("datasets"), help="output folder (default: datasets)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    parser.add_argument("--seed", type=int, default=0, help="seed for generated datasets (default: 0)")
+    args = parser.parse_args(argv)
+    try:
+        check_dataset_names(args.datasets)
+        for name in args.datasets:
+            prepare_dataset(name, source=args.source, dest=args.dest, force=args.force, seed=args.seed)
+    except PreprocessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; partial output was removed", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

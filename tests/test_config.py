@@ -1,0 +1,110 @@
+"""The typed config: reference key names load, overrides apply, mistakes name the key."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from utils.config import ConfigError, ExperimentConfig, load_config, parse_command_line, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A config as the CxGrad reference code ships it (misspelt key and ignored keys included).
+REFERENCE_CXGRAD_CONFIG = {
+    "experiment_name": "CxGrad_5way_1shot", "batch_size": 4, "image_height": 84, "image_width": 84,
+    "image_channels": 3, "gpu_to_use": 0, "num_dataprovider_workers": 4, "max_models_to_save": 5,
+    "dataset_name": "mini_imagenet", "dataset_path": "mini_imagenet", "reset_stored_paths": False,
+    "train_seed": 0, "val_seed": 0, "indexes_of_folders_indicating_class": [-3, -2], "sets_are_pre_split": True,
+    "train_val_test_split": [0.64, 0.16, 0.20], "evaluate_on_test_set_only": False, "total_epochs": 100,
+    "total_iter_per_epoch": 500, "continue_from_epoch": -2, "num_evaluation_tasks": 600,
+    "multi_step_loss_num_epochs": 15, "minimum_per_task_contribution": 0.01,
+    "learnable_per_layer_per_step_inner_loop_learning_rate": False, "enable_inner_loop_optimizable_bn_params": False,
+    "evalute_on_test_set_only": False, "max_pooling": True, "per_step_bn_statistics": False,
+    "learnable_batch_norm_momentum": False, "load_into_memory": True, "init_inner_loop_learning_rate": 0.01,
+    "init_inner_loop_weight_decay": 0.0005, "learnable_bn_gamma": True, "learnable_bn_beta": True,
+    "dropout_rate_value": 0.0, "min_learning_rate": 0.001, "meta_learning_rate": 0.001,
+    "total_epochs_before_pause": 100, "first_order_to_second_order_epoch": -1, "weight_decay": 0.0,
+    "norm_layer": "batch_norm", "cnn_num_filters": 48, "num_stages": 4, "use_bias": False, "conv_padding": True,
+    "number_of_training_steps_per_iter": 5, "number_of_evaluation_steps_per_iter": 5, "cnn_blocks_per_stage": 1,
+    "num_classes_per_set": 5, "num_samples_per_class": 1, "num_target_samples": 15, "second_order": True,
+    "use_multi_step_loss_optimization": False, "backbone": "4-CONV", "contextual_grad": True,
+    "num_context_params": 100, "context_params_learning_rate": 1,
+}
+
+
+def test_reference_config_loads_with_its_meaning(tmp_path):
+    path = tmp_path / "CxGrad_4conv.json"
+    path.write_text(json.dumps(REFERENCE_CXGRAD_CONFIG))
+    config = load_config(path)
+    assert isinstance(config, ExperimentConfig)
+    assert config.contextual_grad is True and config.num_context_params == 100
+    assert config.context_params_learning_rate == 1.0 and isinstance(config.context_params_learning_rate, float)
+    assert config.continue_from_epoch == "from_scratch"  # the reference's -2
+    assert config.image_shape == (3, 84, 84)
+
+
+def test_every_shipped_config_loads():
+    paths = sorted((REPO / "experiment_config").glob("*/*.json")) + sorted((REPO / "experiment_config").glob("*/*.yaml"))
+    assert len(paths) >= 38
+    for path in paths:
+        load_config(path)
+    for dataset in ("omniglot_5way_1shot", "omniglot_20way_5shot", "mini_imagenet_5way_1shot",
+                    "tiered_imagenet_5way_5shot", "CIFAR_FS_5way_1shot", "CUB_5way_5shot"):
+        for method in ("CxGrad_4conv", "maml_4conv", "maml++_4conv"):
+            assert (REPO / "experiment_config" / dataset / f"{method}.json").exists()
+    published = load_config(REPO / "experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json")
+    assert (published.batch_size, published.cnn_num_filters, published.num_target_samples) == (4, 48, 15)
+    assert (published.init_inner_loop_learning_rate, published.meta_learning_rate) == (0.01, 0.001)
+    assert published.second_order and not published.use_multi_step_loss_optimization
+
+
+def test_yaml_and_command_line_overrides(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"batch_size": 3, "contextual_grad": True, "dataset_name": "omniglot"}))
+    config = parse_command_line(["--name_of_args_json_file", str(path), "--batch_size", "2",
+                                 "--second_order=false", "--continue_from_epoch", "7", "--test_dataset", "CUB"])
+    assert config.batch_size == 2 and config.second_order is False and config.contextual_grad is True
+    assert config.continue_from_epoch == "7" and config.test_dataset == "CUB"
+    assert config.rotate_training_classes is True  # omniglot's default augmentation
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_sise": 2}, "unknown key 'batch_sise'.*did you mean 'batch_size'"),
+    ({"batch_size": "two"}, "key 'batch_size'.*expected an integer, got 'two'"),
+    ({"batch_size": 0}, "key 'batch_size'.*must be >= 1"),
+    ({"second_order": "maybe"}, "key 'second_order'.*expected true or false"),
+    ({"meta_learning_rate": "fast"}, "key 'meta_learning_rate'.*expected a number"),
+    ({"device": "tpu"}, "key 'device'.*expected one of"),
+    ({"continue_from_epoch": "yesterday"}, "key 'continue_from_epoch'.*'latest', 'from_scratch' or an epoch"),
+    ({"num_stages": 6}, "halve 28x28 images below one pixel"),
+    ({"min_learning_rate": 0.1}, "min_learning_rate .* is above meta_learning_rate"),
+    ({"image_channels": 2}, "key 'image_channels'.*expected one of \\[1, 3\\]"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError, match="broken.json is not valid JSON"):
+        load_config(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listed)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("contextual_gard: true\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'contextual_gard' in .*typo.yaml; did you mean 'contextual_grad'"):
+        load_config(typo)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(overrides={"batch_size": 3, "contextual_grad": True, "evaluation_batch_size": 5})
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config

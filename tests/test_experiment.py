@@ -1,0 +1,172 @@
+"""The experiment loop on a tiny dataset: checkpoints, exact resume, the ensemble test, test-only mode."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data import FewShotDataProvider
+from experiment_builder import ExperimentBuilder, mean_and_confidence
+from utils.config import load_config
+from utils.storage import CheckpointError, checkpoint_path, load_checkpoint, saved_epochs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(config):
+    builder = ExperimentBuilder(config)
+    summary = builder.run_experiment()
+    return builder, summary
+
+
+def weights_of(builder) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in builder.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["cxgrad", "maml++"])
+def test_resume_is_exact(tiny_config, method):
+    extra = (dict(contextual_grad=True) if method == "cxgrad" else
+             dict(use_multi_step_loss_optimization=True, multi_step_loss_num_epochs=2, per_step_bn_statistics=True,
+                  learnable_per_layer_per_step_inner_loop_learning_rate=True, first_order_to_second_order_epoch=0))
+    straight = ExperimentBuilder(tiny_config(experiment_name="straight", total_epochs=2, **extra))
+    straight._resume()
+    straight.train()
+
+    first = ExperimentBuilder(tiny_config(experiment_name="resumed", total_epochs=2, total_epochs_before_pause=1,
+                                          **extra))
+    first._resume()
+    assert first.train() is False  # paused after one epoch
+    second = ExperimentBuilder(tiny_config(experiment_name="resumed", total_epochs=2, **extra))
+    second._resume()
+    assert second.state["next_epoch"] == 1
+    assert second.train() is True
+
+    for name, tensor in weights_of(straight).items():
+        assert torch.equal(tensor, weights_of(second)[name]), f"{name} differs after resume"
+    straight_optimizer = straight.model.optimizer.state_dict()["state"]
+    resumed_optimizer = second.model.optimizer.state_dict()["state"]
+    for key in straight_optimizer:
+        assert torch.equal(straight_optimizer[key]["exp_avg"], resumed_optimizer[key]["exp_avg"])
+    assert straight.state["epoch_rows"][1]["val_accuracy_mean"] == second.state["epoch_rows"][1]["val_accuracy_mean"]
+
+
+def test_experiment_files_checkpoints_and_ensemble_summary(tiny_config):
+    config = tiny_config(contextual_grad=True, total_epochs=4, max_models_to_save=2)
+    builder, summary = run(config)
+    folder = config.experiment_folder
+
+    rows = list(csv.DictReader(open(folder / "logs" / "summary_statistics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    for key in ("train_loss_mean", "train_accuracy_std", "val_loss_std", "val_accuracy_mean", "epoch_time_s"):
+        assert float(rows[0][key]) >= 0
+    # Only the best max_models_to_save epochs (by validation accuracy) and the latest stay on disk.
+    best = builder.best_epochs()
+    assert sorted(saved_epochs(folder / "saved_models")) == sorted(best) and len(best) == 2
+    assert checkpoint_path(folder / "saved_models", "latest").exists()
+    val = {int(r["epoch"]): float(r["val_accuracy_mean"]) for r in rows}
+    assert min(val[e] for e in best) >= max(v for e, v in val.items() if e not in best)
+    latest = load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+    assert set(latest) >= {"network", "optimizer", "scheduler", "rng", "experiment", "config"}
+    assert (folder / "config.yaml").exists()
+
+    # The summary files, and their numbers recomputed independently from the saved checkpoints.
+    saved = json.loads((folder / "test_summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert list(csv.DictReader(open(folder / "test_summary.csv")))[0]["ensemble_test_accuracy"]
+    assert [m["epoch"] for m in saved["models"]] == best
+    provider = FewShotDataProvider(config, normalisation=tuple(np.asarray(v, dtype=np.float32) for v in
+                                                                 builder.state["normalisation"]), splits=("test",))
+    batches = list(provider.evaluation_batches("test", config.num_evaluation_tasks, 4))
+    labels = torch.cat([b.query_labels for b in batches])
+    probabilities = []
+    for epoch in best:
+        builder.model.load_state_dict(load_checkpoint(checkpoint_path(folder / "saved_models", epoch))["network"])
+        probabilities.append(torch.cat([builder.model.run_validation_iter(b)["probabilities"] for b in batches]))
+    per_task = (torch.stack(probabilities).mean(0).argmax(-1) == labels).float().mean(1).numpy()
+    accuracy, interval = mean_and_confidence(per_task)
+    assert saved["ensemble_test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert saved["ensemble_test_confidence_95"] == pytest.approx(1.96 * per_task.std() / np.sqrt(len(per_task)))
+    assert saved["num_test_tasks"] == config.num_evaluation_tasks
+
+
+def test_scheduler_steps_once_per_epoch_with_cosine_annealing(tiny_config):
+    config = tiny_config(total_epochs=3, meta_learning_rate=0.01, min_learning_rate=0.001)
+    builder, _ = run(config)
+    rates = [row["meta_learning_rate"] for row in builder.state["epoch_rows"]]
+    expected = [0.001 + 0.5 * (0.01 - 0.001) * (1 + np.cos(np.pi * e / 3)) for e in range(3)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
+def test_test_only_mode_and_cross_domain(tiny_config):
+    config = tiny_config(contextual_grad=True, total_epochs=2)
+    _, trained = run(config)
+    summary_file = config.experiment_folder / "test_summary.json"
+    summary_file.unlink()
+    retested = ExperimentBuilder(tiny_config(contextual_grad=True, total_epochs=2,
+                                             evaluate_on_test_set_only=True)).run_experiment()
+    assert retested["ensemble_test_accuracy"] == pytest.approx(trained["ensemble_test_accuracy"])
+    assert summary_file.exists()
+
+    cross = ExperimentBuilder(tiny_config(contextual_grad=True, total_epochs=2, evaluate_on_test_set_only=True,
+                                          test_dataset="toy_other")).run_experiment()
+    assert cross["dataset"] == "toy_other" and cross["trained_on"] == "toy"
+    assert (config.experiment_folder / "test_summary_toy_other.json").exists()
+    assert json.loads(summary_file.read_text())["dataset"] == "toy"  # the in-domain summary is kept
+
+
+def test_continue_from_a_given_epoch_and_refusals(tiny_config):
+    config = tiny_config(total_epochs=2, max_models_to_save=2)
+    run(config)
+    rewound = ExperimentBuilder(tiny_config(total_epochs=2, max_models_to_save=2, continue_from_epoch=0))
+    rewound._resume()
+    assert rewound.state["next_epoch"] == 1 and len(rewound.state["epoch_rows"]) == 1
+
+    with pytest.raises(CheckpointError, match="saved epochs"):
+        ExperimentBuilder(tiny_config(total_epochs=2, continue_from_epoch=7))._resume()
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        ExperimentBuilder(tiny_config(total_epochs=2, continue_from_epoch="from_scratch"))._resume()
+    with pytest.raises(CheckpointError, match="cnn_num_filters"):
+        ExperimentBuilder(tiny_config(total_epochs=2, cnn_num_filters=4))._resume()
+
+
+def test_batched_and_loop_training_give_the_same_run(tiny_config):
+    runs = {}
+    for batching in ("batched", "loop"):
+        builder, summary = run(tiny_config(experiment_name=batching, task_batching=batching, contextual_grad=True,
+                                           total_epochs=1))
+        runs[batching] = (weights_of(builder), builder.state["epoch_rows"][0], summary)
+    (batched_weights, batched_row, batched_summary), (loop_weights, loop_row, loop_summary) = runs.values()
+    # float32 sums in another order: equal up to rounding, which Adam may turn into one step (lr 1e-3).
+    for name, tensor in batched_weights.items():
+        torch.testing.assert_close(tensor, loop_weights[name], rtol=0, atol=2e-3)
+    for key in ("train_loss_mean", "val_loss_mean"):
+        assert batched_row[key] == pytest.approx(loop_row[key], rel=1e-4)
+    assert batched_summary["ensemble_test_accuracy"] == pytest.approx(loop_summary["ensemble_test_accuracy"], abs=0.02)
+
+
+def test_command_line_trains_tests_and_reports_errors(toy_datasets, tmp_path):
+    command = [sys.executable, "train_maml_system.py", "--name_of_args_json_file",
+               "experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml",
+               "--dataset_name", "toy", "--datasets_dir", str(toy_datasets), "--experiments_dir", str(tmp_path),
+               "--image_height", "16", "--image_width", "16", "--cnn_num_filters", "4", "--num_stages", "2",
+               "--total_epochs", "1", "--total_iter_per_epoch", "2", "--num_evaluation_tasks", "4",
+               "--num_target_samples", "3", "--batch_size", "2", "--show_progress", "false", "--augment_images", "false"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Ensemble of 1 models" in done.stdout
+
+    bad = subprocess.run(command + ["--batch_sise", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "unknown key 'batch_sise'" in bad.stderr and "did you mean 'batch_size'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    missing = subprocess.run(command + ["--dataset_name", "nowhere", "--experiment_name", "x"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert "python preprocess/preprocess.py --datasets nowhere" in missing.stderr
