@@ -7,6 +7,8 @@ Sources: `images_background.zip` (964 characters in 30 alphabets) and
 Output: every image converted to greyscale ('L'), resized to 28x28 with LANCZOS and saved
 under its original file name in `SPLIT/ALPHABET__CHARACTER/` (e.g. `Latin__character01`).
 Polarity is unchanged from the originals: black strokes on a white background.
+A file in a character folder that is not a readable image stops the build with an error
+naming it, or is skipped and listed in the manifest with --skip-bad-images (preprocess/images.py).
 
 Split (fixed; SPLIT_RULE describes it in the manifest, so editing the rule there rebuilds old builds):
 list the 964 background characters, then the 659 evaluation characters, each group
@@ -42,9 +44,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from preprocess.archives import PreprocessError, safe_extract
+from preprocess.images import BadImages, ImageFormat, convert_classes
 
 BACKGROUND_ZIP = "images_background.zip"
 EVALUATION_ZIP = "images_evaluation.zip"
@@ -57,6 +58,7 @@ ZIPS_ENV_VAR = "OMNIGLOT_ZIPS"
 
 IMAGE_SIZE = 28
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
+IMAGE_FORMAT = ImageFormat(IMAGE_SIZE, IMAGE_SIZE, "L")
 BACKGROUND_CHARACTERS = 964
 EVALUATION_CHARACTERS = 659
 TRAIN_EVALUATION_CHARACTERS = 186
@@ -166,19 +168,11 @@ def _list_characters(root: Path, expected: int, zip_path: Path) -> list[Characte
     return characters
 
 
-def _convert_character(source_dir: Path, target_dir: Path) -> int:
-    """Resize every image of one character folder; returns the number of images written."""
-    target_dir.mkdir(parents=True)
-    image_paths = sorted(source_dir.glob("*.png"))
-    for image_path in image_paths:
-        with Image.open(image_path) as image:
-            small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-        small.save(target_dir / image_path.name)
-    return len(image_paths)
+def write_splits(zips: dict[str, Path], out_dir: Path, skip_bad_images: bool = False) -> list[dict[str, str]]:
+    """Extract both zips into a temporary folder and write the 28x28 splits into `out_dir`.
 
-
-def write_splits(zips: dict[str, Path], out_dir: Path) -> None:
-    """Extract both zips into a temporary folder and write the 28x28 splits into `out_dir`."""
+    Returns the files skipped as unreadable images (see preprocess.images.BadImages).
+    """
     with tempfile.TemporaryDirectory(prefix="omniglot-extract-") as extract_dir:
         extract_root = Path(extract_dir)
         started = time.perf_counter()
@@ -198,9 +192,6 @@ def write_splits(zips: dict[str, Path], out_dir: Path) -> None:
                 root = background_root if character in background_set else evaluation_root
                 jobs.append((root.joinpath(*character), out_dir / split / class_folder_name(character)))
 
-        report_every = -(-len(jobs) // 5)  # five progress lines
-        images = 0
-        for done, (source_dir, target_dir) in enumerate(jobs, start=1):
-            images += _convert_character(source_dir, target_dir)
-            if done % report_every == 0 or done == len(jobs):
-                print(f"omniglot: resized {done}/{len(jobs)} characters ({images} images)", flush=True)
+        bad_images = BadImages("omniglot", extract_root, [zips[name] for name in SOURCE_ZIPS], skip_bad_images)
+        convert_classes(jobs, IMAGE_FORMAT, bad_images)
+        return bad_images.skipped

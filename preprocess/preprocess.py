@@ -1,6 +1,8 @@
 """Build few-shot datasets into the folder layout the training code reads.
 
-Layout: `DEST/NAME/{train,val,test}/CLASS/IMAGE.png` plus `DEST/NAME/manifest.json`:
+Layout: `DEST/NAME/{train,val,test}/CLASS/IMAGE` plus `DEST/NAME/manifest.json`. Images are
+PNG, except JPEGs copied unchanged from an archive because they already had the dataset's
+size and mode (preprocess/images.py):
 
     {
       "format_version": 1,
@@ -9,6 +11,7 @@ Layout: `DEST/NAME/{train,val,test}/CLASS/IMAGE.png` plus `DEST/NAME/manifest.js
       "splits": {"train": {"classes": 1150, "images": 23000}, ...},
       "sources": {"images_background.zip": {"sha256": "...", "size_bytes": 8382694}, ...},
       "settings": {...},                              # seed for generated data, split rule, ...
+      "skipped_images": [{"path": "...", "reason": "..."}],  # unreadable files left out (--skip-bad-images)
       "built_at": "2025-01-01T12:00:00+00:00"
     }
 
@@ -24,12 +27,16 @@ image size and settings, and, if source files were named explicitly, their sha25
 `force=True` / `--force` always rebuilds. Without an explicit source folder an existing
 build is trusted without locating the archives again, so training code can call
 `prepare_dataset("omniglot")` on a machine where only the built folder exists.
+`--skip-bad-images` is not a setting: it only decides whether a build meeting unreadable
+files fails or leaves them out, so an existing build is kept either way (its manifest
+lists what it left out).
 
 Adding a dataset means writing one recipe function and adding it to DATASET_RECIPES.
 
 Command line (from the repository root):
 
     python preprocess/preprocess.py --datasets NAME [NAME ...] [--source DIR] [--dest datasets] [--force] [--seed N]
+                                    [--skip-bad-images]
 """
 
 from __future__ import annotations
@@ -53,8 +60,9 @@ if __name__ == "__main__":
     # find this file instead of the package. Put the repository root first.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from preprocess import omniglot, synthetic_glyphs  # noqa: E402
+from preprocess import imagenet_style, omniglot, synthetic_glyphs  # noqa: E402
 from preprocess.archives import PreprocessError, sha256_file  # noqa: E402
+from preprocess.images import IMAGE_SUFFIXES  # noqa: E402
 
 __all__ = ["DATASET_RECIPES", "FORMAT_VERSION", "MANIFEST_NAME", "PreprocessError", "SPLITS", "check_dataset_names",
            "main", "prepare_dataset", "read_manifest"]
@@ -73,12 +81,14 @@ class DatasetRecipe:
     both are recorded in the manifest and compared on re-runs. `locate_sources` returns
     {file name: path} of the archives to hash and build from (empty for generated data)
     and may download; it is only called when a build or a source check is needed.
+    `write_splits(sources, out_dir)` writes the splits and returns the files it left out
+    as unreadable images ({"path", "reason"} each; see preprocess/images.py).
     """
 
     image_shape: tuple[int, int, int]
     settings: dict[str, Any]
     locate_sources: Callable[[], dict[str, Path]]
-    write_splits: Callable[[dict[str, Path], Path], None]
+    write_splits: Callable[[dict[str, Path], Path], list[dict[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -89,16 +99,22 @@ class BuildRequest:
     dest: Path
     seed: int
     allow_download: bool
+    skip_bad_images: bool
 
 
 def _synthetic_glyphs_recipe(request: BuildRequest) -> DatasetRecipe:
     if request.source is not None:
         print("synthetic_glyphs: generated data has no source files; --source is ignored", flush=True)
+
+    def write_splits(_sources: dict[str, Path], out_dir: Path) -> list[dict[str, str]]:
+        synthetic_glyphs.write_splits(out_dir, request.seed)
+        return []  # generated images are never unreadable
+
     return DatasetRecipe(
         image_shape=synthetic_glyphs.IMAGE_SHAPE,
         settings=synthetic_glyphs.settings(request.seed),
         locate_sources=dict,
-        write_splits=lambda _sources, out_dir: synthetic_glyphs.write_splits(out_dir, request.seed),
+        write_splits=write_splits,
     )
 
 
@@ -107,27 +123,28 @@ def _omniglot_recipe(request: BuildRequest) -> DatasetRecipe:
         image_shape=omniglot.IMAGE_SHAPE,
         settings=omniglot.SETTINGS,
         locate_sources=lambda: omniglot.locate_zips(request.source, request.dest, request.allow_download),
-        write_splits=omniglot.write_splits,
+        write_splits=lambda zips, out_dir: omniglot.write_splits(zips, out_dir, request.skip_bad_images),
     )
 
 
-def _archive_handling_not_implemented(name: str) -> Callable[[BuildRequest], DatasetRecipe]:
-    """Recipe for a dataset the framework knows about but cannot build from its archives yet."""
-    def refuse(_request: BuildRequest) -> DatasetRecipe:
-        raise PreprocessError(
-            f"{name}: archive handling for this dataset is not implemented yet; "
-            f"datasets that can be built now: {', '.join(IMPLEMENTED_DATASETS)}")
-    return refuse
+def _archive_dataset_recipe(dataset: imagenet_style.ArchiveDataset) -> Callable[[BuildRequest], DatasetRecipe]:
+    """Recipe for one of the datasets built from a single archive of class folders."""
+    def recipe(request: BuildRequest) -> DatasetRecipe:
+        return DatasetRecipe(
+            image_shape=dataset.image_shape,
+            settings=dataset.settings,
+            locate_sources=lambda: imagenet_style.locate_archive(dataset, request.source, request.dest),
+            write_splits=lambda archives, out_dir: imagenet_style.write_splits(
+                dataset, archives, out_dir, request.skip_bad_images),
+        )
+    return recipe
 
 
 DATASET_RECIPES: dict[str, Callable[[BuildRequest], DatasetRecipe]] = {
     "synthetic_glyphs": _synthetic_glyphs_recipe,
     "omniglot": _omniglot_recipe,
+    **{name: _archive_dataset_recipe(dataset) for name, dataset in imagenet_style.DATASETS.items()},
 }
-IMPLEMENTED_DATASETS = tuple(DATASET_RECIPES)
-# Known to the training code; building them from their archives is a later addition.
-DATASET_RECIPES.update({name: _archive_handling_not_implemented(name)
-                        for name in ("mini_imagenet", "tiered_imagenet", "CIFAR_FS", "CUB")})
 
 
 def check_dataset_names(names: list[str]) -> None:
@@ -159,7 +176,8 @@ def _count_splits(dataset_dir: Path) -> dict[str, dict[str, int]]:
     counts = {}
     for split in SPLITS:
         class_dirs = [entry for entry in (dataset_dir / split).iterdir() if entry.is_dir()]
-        images = sum(1 for class_dir in class_dirs for entry in class_dir.iterdir() if entry.suffix == ".png")
+        images = sum(1 for class_dir in class_dirs for entry in class_dir.iterdir()
+                     if entry.suffix.lower() in IMAGE_SUFFIXES)
         counts[split] = {"classes": len(class_dirs), "images": images}
     return counts
 
@@ -171,6 +189,12 @@ def _matches_recipe(manifest: dict[str, Any], name: str, recipe: DatasetRecipe) 
             and manifest.get("dataset") == name
             and manifest.get("image_size") == list(recipe.image_shape)
             and manifest.get("settings") == settings_as_json)
+
+
+def _skipped_note(manifest: dict[str, Any]) -> str:
+    """A reminder that a build left files out, for the messages that report a build."""
+    skipped = len(manifest.get("skipped_images", []))
+    return f" ({skipped} unreadable file(s) left out, listed in {MANIFEST_NAME})" if skipped else ""
 
 
 def _remove(path: Path) -> None:
@@ -192,18 +216,21 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
                     dest: str | os.PathLike[str] = "datasets", force: bool = False, seed: int = 0,
-                    allow_download: bool = True) -> Path:
+                    allow_download: bool = True, skip_bad_images: bool = False) -> Path:
     """Build dataset `name` into `dest/name` unless an up-to-date build exists; returns that folder.
 
     `source` is the folder holding the dataset's archives (ignored for generated data).
     `seed` only matters for generated datasets. Downloads happen only when no local copy
     is found, `allow_download` is true and FSL_NO_DOWNLOAD is unset or 0.
+    A file in a class folder that is not a readable image stops the build, or with
+    `skip_bad_images` is left out and listed in the manifest under "skipped_images".
     Raises PreprocessError with a user-facing message on any problem.
     """
     check_dataset_names([name])
     dest_dir = Path(dest)
     request = BuildRequest(source=None if source is None else Path(source), dest=dest_dir, seed=seed,
-                           allow_download=allow_download and not downloads_disabled_by_env())
+                           allow_download=allow_download and not downloads_disabled_by_env(),
+                           skip_bad_images=skip_bad_images)
     recipe = DATASET_RECIPES[name](request)
     dataset_dir = dest_dir / name
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -223,12 +250,13 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
         elif not _matches_recipe(manifest, name, recipe):
             reason = "existing build has a different format or settings"
         elif request.source is None:
-            print(f"{name}: already built at {dataset_dir}", flush=True)
+            print(f"{name}: already built at {dataset_dir}{_skipped_note(manifest)}", flush=True)
             return dataset_dir
         else:
             sources = recipe.locate_sources()
             if _source_fingerprints(sources) == manifest.get("sources"):
-                print(f"{name}: already built at {dataset_dir} from the same sources", flush=True)
+                print(f"{name}: already built at {dataset_dir} from the same sources{_skipped_note(manifest)}",
+                      flush=True)
                 return dataset_dir
             reason = "source files differ from the existing build"
 
@@ -240,7 +268,7 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
         partial_dir = dest_dir / f".{name}.partial-{os.getpid()}"
         partial_dir.mkdir()
         try:
-            recipe.write_splits(sources, partial_dir)
+            skipped_images = recipe.write_splits(sources, partial_dir)
             splits = _count_splits(partial_dir)
             new_manifest = {
                 "format_version": FORMAT_VERSION,
@@ -249,6 +277,7 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
                 "splits": splits,
                 "sources": fingerprints,
                 "settings": recipe.settings,
+                "skipped_images": skipped_images,
                 "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
             (partial_dir / MANIFEST_NAME).write_text(json.dumps(new_manifest, indent=2) + "\n")
@@ -265,26 +294,33 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
             raise
 
     summary = ", ".join(f"{split} {c['classes']} classes / {c['images']} images" for split, c in splits.items())
-    print(f"{name}: built in {time.perf_counter() - started:.1f}s: {summary}", flush=True)
+    print(f"{name}: built in {time.perf_counter() - started:.1f}s: {summary}{_skipped_note(new_manifest)}",
+          flush=True)
     return dataset_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Build few-shot datasets into DEST/NAME/{train,val,test}/CLASS/IMAGE.png + manifest.json.",
-        epilog=f"Environment: {omniglot.ZIPS_ENV_VAR}=DIR is searched for the Omniglot zips; "
-               f"{NO_DOWNLOAD_ENV_VAR}=1 disables downloads.")
+        description="Build few-shot datasets into DEST/NAME/{train,val,test}/CLASS/IMAGE + manifest.json.",
+        epilog=f"Without --source, archives are looked for in DEST/NAME_raw/. "
+               f"Environment: {omniglot.ZIPS_ENV_VAR}=DIR is searched for the Omniglot zips; "
+               f"{NO_DOWNLOAD_ENV_VAR}=1 disables downloads; archives are extracted under TMPDIR (default /tmp), "
+               f"which needs room for the extracted archive.")
     parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME",
                         help=f"datasets to build: {', '.join(DATASET_RECIPES)}")
     parser.add_argument("--source", type=Path, metavar="DIR", help="folder holding the dataset's archives")
     parser.add_argument("--dest", type=Path, default=Path("datasets"), help="output folder (default: datasets)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     parser.add_argument("--seed", type=int, default=0, help="seed for generated datasets (default: 0)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out files in class folders that are not readable images (listed in "
+                             "manifest.json) instead of stopping with an error")
     args = parser.parse_args(argv)
     try:
         check_dataset_names(args.datasets)
         for name in args.datasets:
-            prepare_dataset(name, source=args.source, dest=args.dest, force=args.force, seed=args.seed)
+            prepare_dataset(name, source=args.source, dest=args.dest, force=args.force, seed=args.seed,
+                            skip_bad_images=args.skip_bad_images)
     except PreprocessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,8 @@ def test_yaml_and_command_line_overrides(tmp_path):
     ({"batch_sise": 2}, "unknown key 'batch_sise'.*did you mean 'batch_size'"),
     ({"batch_size": "two"}, "key 'batch_size'.*expected an integer, got 'two'"),
     ({"batch_size": 0}, "key 'batch_size'.*must be >= 1"),
+    ({"batch_size": 2.5}, "key 'batch_size'.*expected an integer, got 2.5"),
+    ({"batch_size": True}, "key 'batch_size'.*expected an integer, got True"),
     ({"second_order": "maybe"}, "key 'second_order'.*expected true or false"),
     ({"meta_learning_rate": "fast"}, "key 'meta_learning_rate'.*expected a number"),
     ({"device": "tpu"}, "key 'device'.*expected one of"),

@@ -410,14 +410,15 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_unknown_and_unimplemented_datasets(tmp_path: Path) -> None:
+def test_unknown_datasets_and_missing_archives(tmp_path: Path) -> None:
     assert issubclass(PreprocessError, ValueError)
     with pytest.raises(PreprocessError, match="valid names: .*omniglot"):
         prepare_dataset("imagenet_full", dest=tmp_path)
     for name in ("mini_imagenet", "tiered_imagenet", "CIFAR_FS", "CUB"):
         assert name in DATASET_RECIPES
-        with pytest.raises(PreprocessError, match="not implemented yet"):
+        with pytest.raises(PreprocessError) as excinfo:
             prepare_dataset(name, dest=tmp_path)
+        assert f"not found in {tmp_path / (name + '_raw')}" in str(excinfo.value)
 
 
 def test_cli_build_is_byte_identical_to_library_build(synthetic_dataset: Path, bulk_dir: Path) -> None:
@@ -437,7 +438,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     assert all(name in unknown.stderr for name in DATASET_RECIPES)
     assert not (tmp_path / "synthetic_glyphs").exists()  # names are checked before building anything
 
-    unimplemented = _run_cli("--datasets", "CUB", "--dest", str(tmp_path))
-    assert unimplemented.returncode == 2
-    assert unimplemented.stderr.startswith("error: CUB: archive handling for this dataset is not implemented yet")
-    assert "Traceback" not in unknown.stderr + unimplemented.stderr
+    missing_archive = _run_cli("--datasets", "CUB", "--dest", str(tmp_path))
+    assert missing_archive.returncode == 2
+    assert missing_archive.stderr.startswith(f"error: CUB: CUB_200_2011.tgz not found in {tmp_path / 'CUB_raw'}")
+    assert "Traceback" not in unknown.stderr + missing_archive.stderr

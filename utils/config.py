@@ -168,35 +168,30 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if base in (int, float):
+        return _number(base, value, where)
     if base is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise AssertionError(f"unhandled type {hint} of {key}")
+
+
+def _number(kind: type, value: Any, where: str) -> int | float:
+    """An int or float from a number or a numeric string; booleans and fractional ints are refused."""
+    expected = "an integer" if kind is int else "a number"
+    parsed = None
+    if isinstance(value, str):
+        try:
+            parsed = kind(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind is float or float(value).is_integer():
+            parsed = kind(value)
+    if parsed is None:
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    return parsed
 
 
 def _continue_from_epoch(value: Any, where: str) -> str:

@@ -1,0 +1,124 @@
+"""Converting the images of extracted class folders, and the rule for files that are not images.
+
+Every recipe that builds from an archive ends the same way: each class folder of the
+extracted archive becomes `SPLIT/CLASS/` in the output, every file in it decoded in full and
+written at the dataset's size and colour mode. Files already in the target format (size,
+mode, and a JPEG or PNG with a matching suffix) are copied byte for byte instead: that is
+lossless and keeps an 84x84 JPEG at a few kB instead of a PNG several times larger. Every
+other image is converted (`convert(mode)`, then LANCZOS resize if the size differs) and
+written as PNG under its original stem.
+
+Bad files: archives from the internet sometimes hold a truncated JPEG or a stray
+`notes.txt` among the images. By default such a file stops the build with an error
+naming it by its path inside the archive, so nobody trains on a silently different
+dataset. With `skip=True` (`--skip-bad-images`) it is left out, printed, and listed in the
+manifest under "skipped_images".
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from preprocess.archives import PreprocessError
+
+# Suffixes of the files `_convert_class` writes, which are the ones counted as images.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# A file is copied unchanged only if its suffix names its real format, so the training code
+# (which selects files by suffix) reads every output file.
+_COPYABLE_SUFFIXES = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg")}
+# What Pillow raises for unreadable, truncated or absurdly large files, and IsADirectoryError
+# (an OSError) for a folder where an image should be.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """The size and PIL colour mode ('L' or 'RGB') every output image has."""
+
+    width: int
+    height: int
+    mode: str
+
+
+@dataclass
+class BadImages:
+    """Applies the bad-file rule for one build and collects what was skipped.
+
+    `extract_root` is the folder the archives were extracted into, so that paths relative
+    to it are the member paths the user sees when listing the archive.
+    """
+
+    dataset: str
+    extract_root: Path
+    archives: list[Path]
+    skip: bool
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def handle(self, path: Path, error: BaseException) -> None:
+        member = path.relative_to(self.extract_root).as_posix()
+        # Pillow names the file in its message; the temporary extraction path means nothing later.
+        reason = f"{type(error).__name__}: {error}".replace(str(path), member)
+        if not self.skip:
+            archives = ", ".join(str(archive) for archive in self.archives)
+            raise PreprocessError(
+                f"{self.dataset}: {member} (in {archives}) is not a readable image ({reason}). "
+                f"Fetch the archive again if it is damaged, or run with --skip-bad-images "
+                f"(skip_bad_images=True) to leave such files out; they are then listed in manifest.json")
+        print(f"{self.dataset}: skipping {member}: not a readable image ({reason})", flush=True)
+        self.skipped.append({"path": member, "reason": reason})
+
+
+def _decode(path: Path, image_format: ImageFormat) -> Image.Image | None:
+    """The image converted to `image_format`, or None if the file is already in it and can be copied.
+
+    The file is decoded in full even when it will be copied: Pillow reads lazily, and a
+    truncated JPEG only fails once its pixels are read.
+    """
+    size = (image_format.width, image_format.height)
+    with Image.open(path) as image:
+        image.load()
+        if (image.size == size and image.mode == image_format.mode
+                and path.suffix.lower() in _COPYABLE_SUFFIXES.get(image.format or "", ())):
+            return None
+        converted = image.convert(image_format.mode)
+    if converted.size != size:
+        converted = converted.resize(size, Image.LANCZOS)
+    return converted
+
+
+def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat, bad_images: BadImages) -> int:
+    """Write every image of one class folder into `target_dir`; returns the number written."""
+    target_dir.mkdir(parents=True)
+    written = 0
+    for path in sorted(source_dir.iterdir()):
+        try:
+            converted = _decode(path, image_format)
+        except _DECODE_ERRORS as error:
+            bad_images.handle(path, error)
+            continue
+        # Writing stays outside the try: a full disk must not be mistaken for a bad image.
+        target = target_dir / (path.name if converted is None else f"{path.stem}.png")
+        if target.exists():
+            raise PreprocessError(
+                f"{bad_images.dataset}: two files of {source_dir.relative_to(bad_images.extract_root).as_posix()} "
+                f"would both be written as {target.name}; rename one of them in the archive")
+        if converted is None:
+            shutil.copyfile(path, target)
+        else:
+            converted.save(target)
+        written += 1
+    return written
+
+
+def convert_classes(jobs: list[tuple[Path, Path]], image_format: ImageFormat, bad_images: BadImages) -> None:
+    """Convert (source class folder, target class folder) pairs, printing five progress lines."""
+    report_every = max(1, -(-len(jobs) // 5))
+    images = 0
+    for done, (source_dir, target_dir) in enumerate(jobs, start=1):
+        images += _convert_class(source_dir, target_dir, image_format, bad_images)
+        if done % report_every == 0 or done == len(jobs):
+            print(f"{bad_images.dataset}: converted {done}/{len(jobs)} classes ({images} images)", flush=True)
