@@ -44,6 +44,6 @@ def test_preprocess_train_and_ensemble_test_on_real_omniglot(omniglot_zips, scra
     summary = json.loads((tmp_path / "experiments" / "omniglot_5way_1shot_CxGrad_4conv_cpu" /
                           "test_summary.json").read_text())
     assert summary["dataset"] == "omniglot" and summary["num_test_tasks"] == 100
-    # Chance is 20%; a short run of CxGrad is far above it on the 423 held-out characters.
-    assert summary["ensemble_test_accuracy"] > 0.6, summary
+    # Chance is 20%; 120 meta-iterations of CxGrad are far above it on the 423 held-out characters.
+    assert summary["ensemble_test_accuracy"] > 0.7, summary  # 86.6% when written
     assert 0 < summary["ensemble_test_confidence_95"] < 0.1
