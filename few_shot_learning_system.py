@@ -91,7 +91,6 @@ class InnerLoopResult:
     query_loss: Tensor  # [T], weighted over the steps, in the graph of the meta-parameters
     query_logits: Tensor  # [T, queries, classes] after the last step
     support_losses: Tensor  # [steps, T], detached
-    gammas: Optional[Tensor]  # [steps, T, L] for CxGrad, detached
 
 
 class MAMLFewShotClassifier(nn.Module):
@@ -162,11 +161,10 @@ class MAMLFewShotClassifier(nn.Module):
 
         query_loss = torch.zeros(tasks, device=task.support_images.device)
         query_logits = None
-        support_losses, gammas = [], []
+        support_losses = []
         for step in range(num_steps):
             if self.context is not None:
-                fast, gamma = self.context.rescale(fast, context)  # step 3a: replace the conv weights
-                gammas.append(gamma.detach())
+                fast, _ = self.context.rescale(fast, context)  # step 3a: replace the conv weights
             losses = support_loss(fast, step)
             support_losses.append(losses.detach())
             # Summing the per-task losses gives each task's own gradient for its own weights.
@@ -192,8 +190,7 @@ class MAMLFewShotClassifier(nn.Module):
                 query_logits = logits
         return InnerLoopResult(
             adapted_params=fast, query_loss=query_loss, query_logits=query_logits,
-            support_losses=torch.stack(support_losses),
-            gammas=torch.stack(gammas) if gammas else None)
+            support_losses=torch.stack(support_losses))
 
     # ------------------------------------------------------------------ the outer loop
     def query_step_weights(self, epoch: int) -> np.ndarray:

@@ -12,8 +12,6 @@ never change a prediction, so none are kept.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -158,6 +156,3 @@ class ContextScalingNetwork(nn.Module):
     def forward(self, context: Tensor) -> Tensor:
         return self.layers(context)
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters() if p.requires_grad)

@@ -13,7 +13,6 @@ import torch
 
 from data import FewShotDataProvider
 from experiment_builder import ExperimentBuilder, mean_and_confidence
-from utils.config import load_config
 from utils.storage import CheckpointError, checkpoint_path, load_checkpoint, saved_epochs
 
 REPO = Path(__file__).resolve().parents[1]
