@@ -59,7 +59,7 @@ class ExperimentBuilder:
         self.logs_folder = self.folder / "logs"
         torch.manual_seed(config.seed)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         self.model = MAMLFewShotClassifier(config, self.device)
         # What, besides the tensors, must survive a restart.
         self.state: dict[str, Any] = {"next_epoch": 0, "epoch_rows": [], "normalisation": None}

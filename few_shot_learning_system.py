@@ -10,8 +10,9 @@ The method is specified in CXGRAD.md (shared docs); comments cite its steps.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
 from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
 from utils.config import ExperimentConfig
+
+# torch.compile's backend for `compile_backbone` (tests swap in a cheaper one).
+COMPILE_BACKEND = "inductor"
 
 
 def multi_step_loss_weights(num_steps: int, epoch: int, multi_step_loss_num_epochs: int) -> np.ndarray:
@@ -121,11 +125,42 @@ class MAMLFewShotClassifier(nn.Module):
             self.context = ContextualGradientScaling(
                 config.num_context_params, self.classifier.conv_weight_names, config.context_params_learning_rate)
         self.to(device)
+        self._configure_speed(config, device)
         self.optimizer = torch.optim.Adam(
             [p for p in self.parameters() if p.requires_grad], lr=config.meta_learning_rate,
             weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.total_epochs, eta_min=config.min_learning_rate)
+
+    def _configure_speed(self, config: ExperimentConfig, device: torch.device) -> None:
+        """GPU options; none of them changes what is computed, only how (and bf16 how precisely)."""
+        if config.channels_last:
+            self.classifier.memory_format = torch.channels_last
+        self.use_bf16 = config.mixed_precision and device.type == "cuda"
+        if config.mixed_precision and not self.use_bf16:
+            warnings.warn("mixed_precision applies to CUDA only; this run computes in float32 on the "
+                          f"{device.type}")
+        # A plain function, not a submodule: the compiled wrapper must not appear in the state dict.
+        # AOTAutograd has no double backward, so second-order steps keep the eager network.
+        self.compiled_classifier: Optional[Callable[..., Tensor]] = None
+        if config.compile_backbone:
+            functorch_config = getattr(torch._functorch, "config", None)
+            if hasattr(functorch_config, "donated_buffer"):
+                # CxGrad back-propagates twice through a first-order step (retain_graph), which
+                # compiled backward passes allow only without donated buffers.
+                functorch_config.donated_buffer = False
+            self.compiled_classifier = torch.compile(self.classifier.forward, backend=COMPILE_BACKEND)
+
+    def network(self, images: Tensor, params: dict[str, Tensor], step: int, double_backward: bool) -> Tensor:
+        """The backbone's logits; under bf16 autocast they come back in float32 for the losses."""
+        forward = self.classifier
+        if self.compiled_classifier is not None and not double_backward:
+            forward = self.compiled_classifier
+        if not self.use_bf16:
+            return forward(images, params, step)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            logits = forward(images, params, step)
+        return logits.float()
 
     # ------------------------------------------------------------------ the inner loop
     def inner_loop(self, task: TaskBatch, num_steps: int, second_order: bool, query_step_weights: np.ndarray,
@@ -144,9 +179,10 @@ class MAMLFewShotClassifier(nn.Module):
         if not track_meta_graph:
             fast = {name: value.clone().requires_grad_() for name, value in fast.items()}
         frozen = {name: value for name, value in meta_params.items() if name not in fast}
+        create_graph = second_order and track_meta_graph
 
-        def support_loss(params: dict[str, Tensor], step: int) -> Tensor:
-            logits = self.classifier(task.support_images, {**frozen, **params}, step)
+        def support_loss(params: dict[str, Tensor], step: int, double_backward: bool) -> Tensor:
+            logits = self.network(task.support_images, {**frozen, **params}, step, double_backward)
             return per_task_cross_entropy(logits, task.support_labels)
 
         context = None
@@ -154,7 +190,7 @@ class MAMLFewShotClassifier(nn.Module):
             context = self.context.initial_context(tasks)
             # Step 2: context warm-up, first order: the outer loop does not differentiate this step.
             rescaled, _ = self.context.rescale(fast, context)
-            warmup_grad, = torch.autograd.grad(support_loss(rescaled, 0).sum(), context)
+            warmup_grad, = torch.autograd.grad(support_loss(rescaled, 0, double_backward=False).sum(), context)
             context = self.context.step(context, warmup_grad)
             if not track_meta_graph:
                 context = context.detach().requires_grad_()
@@ -165,11 +201,10 @@ class MAMLFewShotClassifier(nn.Module):
         for step in range(num_steps):
             if self.context is not None:
                 fast, _ = self.context.rescale(fast, context)  # step 3a: replace the conv weights
-            losses = support_loss(fast, step)
+            losses = support_loss(fast, step, double_backward=create_graph)
             support_losses.append(losses.detach())
             # Summing the per-task losses gives each task's own gradient for its own weights.
             inputs = list(fast.values()) + ([context] if context is not None else [])
-            create_graph = second_order and track_meta_graph
             # First-order CxGrad still back-propagates through this step's rescaling (to g), whose
             # saved tensors this gradient would otherwise free.
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=create_graph,
@@ -184,7 +219,7 @@ class MAMLFewShotClassifier(nn.Module):
             weight = float(query_step_weights[step])
             if weight > 0.0 or step == num_steps - 1:
                 with torch.set_grad_enabled(track_meta_graph):
-                    logits = self.classifier(task.query_images, {**frozen, **fast}, step)
+                    logits = self.network(task.query_images, {**frozen, **fast}, step, double_backward=False)
                     if weight > 0.0:
                         query_loss = query_loss + weight * per_task_cross_entropy(logits, task.query_labels)
                 query_logits = logits
@@ -226,7 +261,9 @@ class MAMLFewShotClassifier(nn.Module):
             losses.append(result.query_loss.detach())
             correct.append((result.query_logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
         self.optimizer.step()
-        return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(correct).mean().item()}
+        # One host sync per iteration, for both metrics.
+        loss, accuracy = torch.stack([torch.cat(losses).mean(), torch.cat(correct).mean()]).tolist()
+        return {"loss": loss, "accuracy": accuracy}
 
     def run_validation_iter(self, task: TaskBatch) -> dict[str, Tensor]:
         """Adapt (first order) and predict the queries; per-task losses, accuracies and probabilities."""

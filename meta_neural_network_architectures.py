@@ -59,6 +59,8 @@ class VGGReLUNormNetwork(nn.Module):
         self.num_stages = num_stages
         self.bn_steps = bn_steps
         self.padding = 1 if conv_padding else 0
+        # Memory format of the activations; channels_last suits cuDNN's (and tensor cores') kernels.
+        self.memory_format = torch.contiguous_format
         self.max_pooling = max_pooling
         in_channels = channels
         for index in range(num_stages):
@@ -99,6 +101,7 @@ class VGGReLUNormNetwork(nn.Module):
 
         # Tasks side by side along the channels: [B, T*C, H, W].
         x = images.transpose(0, 1).reshape(batch, tasks * images.shape[2], *images.shape[3:])
+        x = x.contiguous(memory_format=self.memory_format)
         for index in range(self.num_stages):
             prefix = f"layer{index}"
             weight = self._fold_tasks(params[f"{prefix}.conv.weight"], own[f"{prefix}.conv.weight"], tasks)

@@ -108,6 +108,11 @@ class ExperimentConfig:
     # --- speed ----------------------------------------------------------------------------
     task_batching: str = _field(
         "batched", "compute all tasks of a meta-batch at once, or one after another", choices=("batched", "loop"))
+    mixed_precision: bool = _field(False, "bf16 autocast of the network's forward passes (CUDA only)")
+    channels_last: bool = _field(False, "channels_last memory format for the convolutions (helps on CUDA)")
+    cudnn_benchmark: bool = _field(True, "let cuDNN pick the fastest convolution algorithms (CUDA)")
+    compile_backbone: bool = _field(
+        False, "torch.compile the backbone where no double backward runs through it (first order, evaluation)")
 
     @property
     def dataset_folder(self) -> Path:

@@ -1,0 +1,157 @@
+"""Seconds per meta-training iteration: the per-task loop against the batched meta-batch.
+
+    python benchmarks/bench_iteration.py                      # both configs, CPU (and CUDA when present)
+    python benchmarks/bench_iteration.py --configs mini_imagenet --devices cuda --iterations 20
+
+Settings (the published CxGrad configs of this repo, second order):
+    omniglot       experiment_config/omniglot_5way_1shot/CxGrad_4conv.json       28x28x1, 64 filters, meta-batch 8
+    mini_imagenet  experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json  84x84x3, 48 filters, meta-batch 4,
+                                                                                  15 queries per class
+
+Every (config, device, variant) runs in a fresh subprocess, so its peak memory is its own: peak RSS on the
+CPU (ru_maxrss; `rss_before_mb` is the RSS after building the model, before the first iteration), the
+maximum allocated by PyTorch on CUDA. Each prints one JSON line; then one JSON line per (config, device)
+gives the ratios loop / batched. Task batches are random tensors of the config's shapes (the data pipeline
+is timed by bench_data.py), drawn once, so the timings are of the meta-learning computation alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIGS = {
+    "omniglot": REPO / "experiment_config/omniglot_5way_1shot/CxGrad_4conv.json",
+    "mini_imagenet": REPO / "experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json",
+}
+# name -> config overrides. The CUDA-only variants add this repo's GPU options to the batched path.
+VARIANTS = {
+    "loop": {"task_batching": "loop"},
+    "batched": {"task_batching": "batched"},
+    "batched_bf16_channels_last": {"task_batching": "batched", "mixed_precision": True, "channels_last": True},
+}
+CPU_VARIANTS = ("loop", "batched")
+
+
+def random_task_batch(config, device):
+    import torch
+    from data import TaskBatch
+
+    generator = torch.Generator().manual_seed(0)
+    tasks, ways = config.batch_size, config.num_classes_per_set
+    shape = config.image_shape
+
+    def part(per_class):
+        images = torch.randn(tasks, ways * per_class, *shape, generator=generator)
+        labels = torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1).contiguous()
+        return images, labels
+
+    support_images, support_labels = part(config.num_samples_per_class)
+    query_images, query_labels = part(config.num_target_samples)
+    return TaskBatch(support_images, support_labels, query_images, query_labels).to(device)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int) -> dict:
+    """Build the model, run warm-up iterations, then time `iterations` meta-training iterations."""
+    import torch
+    from few_shot_learning_system import MAMLFewShotClassifier
+    from utils.config import load_config
+
+    overrides = {"device": device_name, "show_progress": False, **VARIANTS[variant]}
+    config = load_config(CONFIGS[config_name], overrides)
+    device = torch.device(device_name)
+    torch.manual_seed(config.seed)
+    model = MAMLFewShotClassifier(config, device)
+    batch = random_task_batch(config, device)
+    rss_before = rss_mb()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def one_iteration() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.run_train_iter(batch, epoch=0)  # returns host floats: the iteration has finished
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    for _ in range(warmup):
+        one_iteration()
+    times = [one_iteration() for _ in range(iterations)]
+    result = {"config": config_name, "device": device_name, "variant": variant,
+              "threads": torch.get_num_threads(), "iterations": iterations,
+              "median_s_per_iter": statistics.median(times), "min_s_per_iter": min(times),
+              "second_order": model.use_second_order(0), "meta_batch": config.batch_size}
+    if cuda:
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["gpu"] = torch.cuda.get_device_name()
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["rss_before_mb"] = rss_before
+    return result
+
+
+def run_setting(config_name: str, device_name: str, variant: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", config_name, device_name, variant,
+               "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if completed.returncode != 0:
+        return {"config": config_name, "device": device_name, "variant": variant,
+                "error": completed.stderr.strip().splitlines()[-1:]}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=None,
+                        help="default: cpu, and cuda when PyTorch sees a GPU")
+    parser.add_argument("--iterations", type=int, default=10, help="timed iterations per setting (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(*args.worker, args.iterations, args.warmup)), flush=True)
+        return 0
+
+    import torch
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    failed = False
+    for config_name in args.configs:
+        for device_name in devices:
+            variants = CPU_VARIANTS if device_name == "cpu" else tuple(VARIANTS)
+            results = {}
+            for variant in variants:
+                results[variant] = run_setting(config_name, device_name, variant, args)
+                print(json.dumps(results[variant]), flush=True)
+            if any("error" in result for result in results.values()):
+                failed = True
+                continue
+            loop = results["loop"]
+            summary = {"config": config_name, "device": device_name, "summary": True}
+            for variant in variants[1:]:
+                summary[f"speedup_{variant}_vs_loop"] = loop["median_s_per_iter"] / results[variant]["median_s_per_iter"]
+                summary[f"peak_memory_ratio_{variant}_vs_loop"] = (
+                    results[variant]["peak_memory_mb"] / loop["peak_memory_mb"])
+            print(json.dumps(summary), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The batched meta-batch against the per-task loop, and the speed options, in float32.
+
+Both paths must give the same losses, accuracies and meta-gradients (relative difference below
+1e-4) for MAML, MAML++ and CxGrad, first and second order, training and evaluation.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import few_shot_learning_system
+from data import TaskBatch
+from few_shot_learning_system import MAMLFewShotClassifier
+from utils.config import load_config
+
+WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 12
+METHODS = {
+    "maml": {},
+    "maml++": dict(use_multi_step_loss_optimization=True, multi_step_loss_num_epochs=4, per_step_bn_statistics=True,
+                   learnable_per_layer_per_step_inner_loop_learning_rate=True),
+    "cxgrad": dict(contextual_grad=True, num_context_params=8),
+}
+
+
+def make_system(**overrides) -> MAMLFewShotClassifier:
+    config = load_config(overrides=dict(
+        image_height=SIZE, image_width=SIZE, image_channels=1, num_classes_per_set=WAYS,
+        num_samples_per_class=SHOTS, num_target_samples=QUERIES, cnn_num_filters=6, num_stages=3,
+        number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3, batch_size=3,
+        init_inner_loop_learning_rate=0.2, device="cpu", **overrides))
+    torch.manual_seed(0)
+    return MAMLFewShotClassifier(config, torch.device("cpu"))
+
+
+def make_tasks(num_tasks: int = 3) -> TaskBatch:
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(WAYS)
+    return TaskBatch(torch.randn(num_tasks, WAYS * SHOTS, 1, SIZE, SIZE, generator=generator),
+                     labels.repeat_interleave(SHOTS).repeat(num_tasks, 1),
+                     torch.randn(num_tasks, WAYS * QUERIES, 1, SIZE, SIZE, generator=generator),
+                     labels.repeat_interleave(QUERIES).repeat(num_tasks, 1))
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def assert_same_meta_gradients(ours: dict, reference: dict) -> None:
+    """The whole meta-gradient within 1e-4; each parameter within 1e-2.
+
+    Per parameter the bound is looser because some gradients are tiny sums of cancelling float32
+    terms (the first layer of CxGrad's g sees a context only one small step away from zero, and
+    its gradient is 1e-7 of the others); a wrong gradient is off by far more than 1e-2.
+    """
+    assert set(ours) == set(reference)
+    names = sorted(reference)
+    for name in names:
+        assert reference[name].norm() > 0, f"{name} got no meta-gradient"
+        assert relative_difference(ours[name], reference[name]) < 1e-2, name
+    flat = lambda gradients: torch.cat([gradients[name].flatten() for name in names])
+    assert relative_difference(flat(ours), flat(reference)) < 1e-4
+
+
+def train_once(**overrides):
+    system = make_system(**overrides)
+    metrics = system.run_train_iter(make_tasks(), epoch=1)
+    gradients = {name: p.grad.clone() for name, p in system.named_parameters() if p.grad is not None}
+    return system, metrics, gradients
+
+
+@pytest.mark.parametrize("second_order", [False, True], ids=["first_order", "second_order"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batched_training_matches_the_per_task_loop(method, second_order):
+    results = {batching: train_once(task_batching=batching, second_order=second_order, **METHODS[method])
+               for batching in ("loop", "batched")}
+    _, loop_metrics, loop_gradients = results["loop"]
+    _, batched_metrics, batched_gradients = results["batched"]
+    assert abs(batched_metrics["loss"] - loop_metrics["loss"]) <= 1e-4 * abs(loop_metrics["loss"])
+    assert batched_metrics["accuracy"] == pytest.approx(loop_metrics["accuracy"], abs=1e-6)
+    if method == "cxgrad":
+        assert any(name.startswith("context.") for name in loop_gradients)
+    assert_same_meta_gradients(batched_gradients, loop_gradients)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batched_evaluation_matches_the_per_task_loop(method):
+    outputs = {}
+    for batching in ("loop", "batched"):
+        outputs[batching] = make_system(task_batching=batching, **METHODS[method]).run_validation_iter(make_tasks())
+    for key in ("loss", "probabilities"):
+        assert relative_difference(outputs["batched"][key], outputs["loop"][key]) < 1e-4, key
+    assert torch.equal(outputs["batched"]["accuracy"], outputs["loop"]["accuracy"])
+
+
+def test_channels_last_changes_nothing_but_the_memory_format():
+    _, plain_metrics, plain_gradients = train_once(contextual_grad=True)
+    _, metrics, gradients = train_once(contextual_grad=True, channels_last=True)
+    assert metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-4)
+    assert_same_meta_gradients(gradients, plain_gradients)
+
+
+def test_mixed_precision_is_cuda_only_and_warns_on_the_cpu():
+    with pytest.warns(UserWarning, match="mixed_precision applies to CUDA only"):
+        system = make_system(mixed_precision=True)
+    assert not system.use_bf16
+
+
+@pytest.mark.parametrize("second_order", [False, True], ids=["first_order", "second_order"])
+def test_compiled_backbone_gives_the_same_meta_gradients(monkeypatch, second_order):
+    # aot_eager runs torch.compile's whole graph capture and AOTAutograd, without code generation.
+    monkeypatch.setattr(few_shot_learning_system, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    _, plain_metrics, plain_gradients = train_once(contextual_grad=True, second_order=second_order)
+    system, metrics, gradients = train_once(contextual_grad=True, second_order=second_order, compile_backbone=True)
+    assert system.compiled_classifier is not None
+    assert not any("compiled" in key or "_orig_mod" in key for key in system.state_dict())
+    assert metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-4)
+    assert_same_meta_gradients(gradients, plain_gradients)
+    evaluation = system.run_validation_iter(make_tasks())
+    assert torch.isfinite(evaluation["probabilities"]).all()
