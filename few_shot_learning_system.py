@@ -22,6 +22,7 @@ from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
 from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
 from utils.config import ExperimentConfig
+from utils.nonfinite import loss_and_gradients_finite
 
 
 def multi_step_loss_weights(num_steps: int, epoch: int, multi_step_loss_num_epochs: int) -> np.ndarray:
@@ -212,7 +213,8 @@ class MAMLFewShotClassifier(nn.Module):
                 yield task.select(index)
 
     def run_train_iter(self, task: TaskBatch, epoch: int) -> dict[str, float]:
-        """One meta-update on a meta-batch; returns the mean query loss and accuracy."""
+        """One meta-update on a meta-batch; returns the mean query loss and accuracy, and whether the update
+        was skipped because the loss or a gradient was not finite."""
         self.train()
         task = task.to(self.device)
         weights = self.query_step_weights(epoch)
@@ -225,8 +227,12 @@ class MAMLFewShotClassifier(nn.Module):
             (result.query_loss.sum() / task.num_tasks).backward()
             losses.append(result.query_loss.detach())
             correct.append((result.query_logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
-        self.optimizer.step()
-        return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(correct).mean().item()}
+        # One NaN/inf step would make every weight and Adam moment NaN for good: skip it (utils/nonfinite.py).
+        skipped = not loss_and_gradients_finite(torch.cat(losses), self.parameters())
+        if not skipped:
+            self.optimizer.step()
+        return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(correct).mean().item(),
+                "skipped": skipped}
 
     def run_validation_iter(self, task: TaskBatch) -> dict[str, Tensor]:
         """Adapt (first order) and predict the queries; per-task losses, accuracies and probabilities."""
