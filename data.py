@@ -79,7 +79,16 @@ def require_dataset(folder: Path, name: str) -> dict:
         raise DatasetError(
             f"dataset '{name}' is not built: {manifest} does not exist. Build it with:\n"
             f"  python preprocess/preprocess.py --datasets {name} --dest {folder.parent}")
-    return json.loads(manifest.read_text())
+    try:
+        content = json.loads(manifest.read_text())
+        problem = None if isinstance(content, dict) else f"it holds a JSON {type(content).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = str(error)
+    if problem:
+        raise DatasetError(
+            f"dataset '{name}': {manifest} is damaged ({problem}); rebuild the dataset: delete {folder}, then "
+            f"python preprocess/preprocess.py --datasets {name} --dest {folder.parent}")
+    return content
 
 
 def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:

@@ -3,13 +3,14 @@
 Folder layout of an experiment (MAML++'s):
     EXPERIMENT/config.yaml                          the resolved config
     EXPERIMENT/saved_models/train_model_{epoch}     the best `max_models_to_save` epochs by val accuracy
-    EXPERIMENT/saved_models/train_model_latest      everything needed to resume exactly
+    EXPERIMENT/saved_models/train_model_latest      everything needed to resume exactly (mid-epoch after a signal)
     EXPERIMENT/logs/summary_statistics.csv          one row per epoch
     EXPERIMENT/test_summary.{json,csv}              the ensemble test (test_summary_{DATASET} cross-domain)
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,9 +21,12 @@ from tqdm import tqdm
 
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
+from utils.preflight import check_datasets
 from utils.config import ConfigError, ExperimentConfig, save_config
-from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint, saved_epochs,
-                           write_csv, write_json)
+from utils.interrupt import StopRequest, TrainingInterrupted
+from utils.nonfinite import count_skipped
+from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, probe_writable, resume_candidates,
+                           save_checkpoint, saved_epochs, write_csv, write_json)
 
 CHECKPOINT_FORMAT = 1
 # Keys that decide the shape or meaning of the saved parameters: a checkpoint trained with other
@@ -33,6 +37,18 @@ ARCHITECTURE_KEYS = (
     "learnable_per_layer_per_step_inner_loop_learning_rate", "enable_inner_loop_optimizable_bn_params",
     "contextual_grad", "num_context_params",
 )
+CHECKPOINT_KEYS = ("format", "network", "optimizer", "scheduler", "rng", "experiment", "config")
+
+
+def fresh_epoch_progress() -> dict[str, Any]:
+    """The part of an epoch done so far: what a mid-epoch (interrupted) checkpoint must carry."""
+    return {"iterations": 0, "losses": [], "accuracies": [], "skipped": 0, "seconds": 0.0}
+
+
+def fresh_state() -> dict[str, Any]:
+    """What, besides the tensors, must survive a restart, as a new experiment starts it."""
+    return {"next_epoch": 0, "epoch_rows": [], "normalisation": None, "epoch_progress": fresh_epoch_progress(),
+            "nonfinite_in_a_row": 0}
 
 
 def select_device(name: str) -> torch.device:
@@ -61,8 +77,8 @@ class ExperimentBuilder:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = config.cudnn_benchmark
         self.model = MAMLFewShotClassifier(config, self.device)
-        # What, besides the tensors, must survive a restart.
-        self.state: dict[str, Any] = {"next_epoch": 0, "epoch_rows": [], "normalisation": None}
+        self.state: dict[str, Any] = fresh_state()
+        self.stop = StopRequest()  # installed around training by run_experiment
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -83,10 +99,39 @@ class ExperimentBuilder:
                 + "; ".join(differing) + ". Use the config it was trained with (saved in "
                 f"{self.folder / 'config.yaml'}) or another --experiment_name.")
 
-    def _load(self, path: Path, restore_training: bool) -> dict[str, Any]:
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
         checkpoint = load_checkpoint(path)
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
+                or any(key not in checkpoint for key in CHECKPOINT_KEYS)):
             raise CheckpointError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
+        return checkpoint
+
+    def _newest_valid_checkpoint(self) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
+        """`train_model_latest`, else the newest readable epoch checkpoint (with a warning); (None, None) if
+        there are none at all. Unreadable ones are skipped, never deleted."""
+        unreadable = []
+        for path in resume_candidates(self.models_folder):
+            try:
+                checkpoint = self._read(path)
+            except CheckpointError as error:
+                unreadable.append(str(error))
+                continue
+            if path != checkpoint_path(self.models_folder, "latest"):
+                problems = unreadable or [f"{checkpoint_path(self.models_folder, 'latest')} does not exist"]
+                print(f"warning: {'; '.join(problems)}. Falling back to {path}, the newest valid checkpoint: "
+                      f"training repeats what came after it", file=sys.stderr, flush=True)
+            return checkpoint, path
+        if unreadable:
+            raise CheckpointError(
+                f"no checkpoint in {self.models_folder} can be read: " + "; ".join(unreadable)
+                + ". Move them away to start again, or use another --experiment_name")
+        return None, None
+
+    def _load(self, path: Path, restore_training: bool) -> dict[str, Any]:
+        return self._restore(self._read(path), path, restore_training)
+
+    def _restore(self, checkpoint: dict[str, Any], path: Path, restore_training: bool) -> dict[str, Any]:
         self._check_compatible(checkpoint["config"], path)
         self.model.load_state_dict(checkpoint["network"])
         if restore_training:
@@ -96,7 +141,8 @@ class ExperimentBuilder:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            self.state = checkpoint["experiment"]
+            # Checkpoints from before a state key existed resume with its fresh value.
+            self.state = {**fresh_state(), **checkpoint["experiment"]}
         return checkpoint
 
     def _resume(self) -> None:
@@ -108,13 +154,19 @@ class ExperimentBuilder:
                     f"{self.models_folder} already holds checkpoints and from_scratch would overwrite them; "
                     f"resume with --continue_from_epoch latest, or start a new --experiment_name")
             return
-        path = checkpoint_path(self.models_folder, choice)
-        if choice == "latest" and not path.exists():
-            return  # nothing to resume: a new experiment
-        if not path.exists():
-            raise CheckpointError(f"no checkpoint {path}; saved epochs: {saved_epochs(self.models_folder)}")
-        self._load(path, restore_training=True)
-        print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}")
+        if choice == "latest":
+            checkpoint, path = self._newest_valid_checkpoint()
+            if checkpoint is None:
+                return  # nothing to resume: a new experiment
+            self._restore(checkpoint, path, restore_training=True)
+        else:
+            path = checkpoint_path(self.models_folder, choice)
+            if not path.exists():
+                raise CheckpointError(f"no checkpoint {path}; saved epochs: {saved_epochs(self.models_folder)}")
+            self._load(path, restore_training=True)
+        done = self.state["epoch_progress"]["iterations"]
+        print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}"
+              + (f", iteration {done} of {self.config.total_iter_per_epoch}" if done else ""))
 
     def _save_epoch(self, epoch: int) -> None:
         state = self._checkpoint_state()
@@ -150,17 +202,29 @@ class ExperimentBuilder:
                       f"--continue_from_epoch latest")
                 return False
             epoch = self.state["next_epoch"]
-            started = time.time()
-            losses, accuracies = [], []
-            first_iteration = epoch * config.total_iter_per_epoch
-            with tqdm(total=config.total_iter_per_epoch, disable=not config.show_progress,
-                      desc=f"epoch {epoch}", leave=False) as bar:
-                for batch in provider.train_batches(first_iteration, config.total_iter_per_epoch):
+            # A run stopped by a signal mid-epoch continues this epoch where it stopped.
+            progress = self.state["epoch_progress"]
+            started = time.time() - progress["seconds"]
+            losses, accuracies = progress["losses"], progress["accuracies"]
+            first_iteration = epoch * config.total_iter_per_epoch + progress["iterations"]
+            if epochs_run == 0:
+                print(f"Training from epoch {epoch}, iteration {progress['iterations']}; Ctrl-C or SIGTERM "
+                      f"saves a resumable checkpoint after the current iteration", flush=True)
+            with tqdm(total=config.total_iter_per_epoch, initial=progress["iterations"],
+                      disable=not config.show_progress, desc=f"epoch {epoch}", leave=False) as bar:
+                for iteration, batch in enumerate(provider.train_batches(
+                        first_iteration, config.total_iter_per_epoch - progress["iterations"]), first_iteration):
                     metrics = self.model.run_train_iter(batch, epoch)
-                    losses.append(metrics["loss"])
-                    accuracies.append(metrics["accuracy"])
+                    self._count_nonfinite(metrics["skipped"], iteration, epoch)
+                    if not metrics["skipped"]:
+                        losses.append(metrics["loss"])
+                        accuracies.append(metrics["accuracy"])
+                    progress["iterations"] += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
+                    if self.stop.requested:
+                        progress["seconds"] = time.time() - started
+                        self._stop_mid_epoch(iteration, epoch)
             validation = self.evaluate(provider, "val")
             learning_rate = self.model.optimizer.param_groups[0]["lr"]
             self.model.scheduler.step()
@@ -172,25 +236,53 @@ class ExperimentBuilder:
                    "val_accuracy_mean": float(validation["accuracy"].mean()),
                    "val_accuracy_std": float(validation["accuracy"].std()),
                    "meta_learning_rate": learning_rate, "epoch_time_s": time.time() - started}
+            row["nonfinite_iterations_skipped"] = progress["skipped"]
             self.state["epoch_rows"].append(row)
             self.state["next_epoch"] = epoch + 1
+            self.state["epoch_progress"] = fresh_epoch_progress()
             self._save_epoch(epoch)
             write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
             print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} acc {row['train_accuracy_mean']:.4f} | "
                   f"val loss {row['val_loss_mean']:.4f} acc {row['val_accuracy_mean']:.4f} | "
                   f"{row['epoch_time_s']:.1f}s", flush=True)
             epochs_run += 1
+            if self.stop.requested:  # the signal came during validation: the epoch is saved, stop now
+                raise TrainingInterrupted(
+                    f"stopped by {self.stop.signal_name} after epoch {epoch}; its checkpoint is saved in "
+                    f"{self.models_folder}. Resume: rerun the same command with --continue_from_epoch latest")
         return True
+
+    def _count_nonfinite(self, skipped: bool, iteration: int, epoch: int) -> None:
+        """Count an update skipped for a non-finite loss or gradient; stop the run after too many in a row."""
+        in_a_row = count_skipped(self.state["nonfinite_in_a_row"], skipped, iteration,
+                                 self.config.max_consecutive_nonfinite_iterations,
+                                 checkpoint_path(self.models_folder, "latest"))
+        self.state["nonfinite_in_a_row"] = in_a_row
+        if skipped:
+            self.state["epoch_progress"]["skipped"] += 1
+            tqdm.write(f"warning: meta-iteration {iteration} (epoch {epoch}): loss or gradient not finite, update "
+                       f"skipped ({in_a_row} in a row of {self.config.max_consecutive_nonfinite_iterations} allowed)",
+                       file=sys.stderr)
+
+    def _stop_mid_epoch(self, iteration: int, epoch: int) -> None:
+        """Save where this epoch stands (only `train_model_latest`: epoch checkpoints stay whole epochs)."""
+        path = checkpoint_path(self.models_folder, "latest")
+        save_checkpoint(path, self._checkpoint_state())
+        done = self.state["epoch_progress"]["iterations"]
+        raise TrainingInterrupted(
+            f"stopped by {self.stop.signal_name} after meta-iteration {iteration} (epoch {epoch}, {done} of "
+            f"{self.config.total_iter_per_epoch} iterations); saved {path}. Resume: rerun the same command with "
+            f"--continue_from_epoch latest")
 
     # ------------------------------------------------------------------ the ensemble test
     def run_ensemble_test(self) -> dict[str, Any]:
         """Average the softmax outputs of the best epochs on the fixed test tasks; write the summary."""
         config = self.config
-        latest = checkpoint_path(self.models_folder, "latest")
-        if not latest.exists():
+        checkpoint, path = self._newest_valid_checkpoint()
+        if checkpoint is None:
             raise CheckpointError(f"no trained model in {self.models_folder}: train first (same config, "
                                   f"without --evaluate_on_test_set_only)")
-        self._load(latest, restore_training=True)
+        self._restore(checkpoint, path, restore_training=True)
         epochs = [e for e in self.best_epochs() if checkpoint_path(self.models_folder, e).exists()]
         if not epochs:
             raise CheckpointError(f"no epoch checkpoints left in {self.models_folder}")
@@ -232,10 +324,19 @@ class ExperimentBuilder:
 
     def run_experiment(self) -> Optional[dict[str, Any]]:
         """Train (resuming as configured) and end with the ensemble test; or only test."""
+        check_datasets(self.config)  # contradictions with the datasets fail now, not after an epoch
         if self.config.evaluate_on_test_set_only:
             return self.run_ensemble_test()
+        # A full disk or an unwritable folder fails now too (the best epochs, latest, one being written).
+        probe_writable(self.folder, self._checkpoint_bytes() * (self.config.max_models_to_save + 2))
         self._resume()
         save_config(self.config, self.folder / "config.yaml")
-        if self.train():
+        with self.stop:  # SIGINT/SIGTERM: finish the iteration, save, raise TrainingInterrupted
+            finished = self.train()
+        if finished:
             return self.run_ensemble_test()
         return None
+
+    def _checkpoint_bytes(self) -> int:
+        """About one checkpoint's size: the parameters, and Adam's two moments of each."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())

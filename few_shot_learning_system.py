@@ -10,6 +10,7 @@ The method is specified in CXGRAD.md (shared docs); comments cite its steps.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -23,6 +24,7 @@ from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
 from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
 from utils.config import ExperimentConfig
+from utils.nonfinite import finiteness_probe
 
 # torch.compile's backend for `compile_backbone` (tests swap in a cheaper one).
 COMPILE_BACKEND = "inductor"
@@ -247,7 +249,8 @@ class MAMLFewShotClassifier(nn.Module):
                 yield task.select(index)
 
     def run_train_iter(self, task: TaskBatch, epoch: int) -> dict[str, float]:
-        """One meta-update on a meta-batch; returns the mean query loss and accuracy."""
+        """One meta-update on a meta-batch; returns the mean query loss and accuracy, and whether the update
+        was skipped because the loss or a gradient was not finite."""
         self.train()
         task = task.to(self.device)
         weights = self.query_step_weights(epoch)
@@ -260,10 +263,15 @@ class MAMLFewShotClassifier(nn.Module):
             (result.query_loss.sum() / task.num_tasks).backward()
             losses.append(result.query_loss.detach())
             correct.append((result.query_logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
-        self.optimizer.step()
-        # One host sync per iteration, for both metrics.
-        loss, accuracy = torch.stack([torch.cat(losses).mean(), torch.cat(correct).mean()]).tolist()
-        return {"loss": loss, "accuracy": accuracy}
+        all_losses = torch.cat(losses)
+        # One host sync per iteration reads the metrics and whether the update is finite: one NaN/inf
+        # step would make every weight and Adam moment NaN for good, so it is skipped (utils/nonfinite.py).
+        loss, accuracy, probe = torch.stack([
+            all_losses.mean(), torch.cat(correct).mean(), finiteness_probe(all_losses, self.parameters())]).tolist()
+        skipped = not math.isfinite(probe)
+        if not skipped:
+            self.optimizer.step()
+        return {"loss": loss, "accuracy": accuracy, "skipped": skipped}
 
     def run_validation_iter(self, task: TaskBatch) -> dict[str, Tensor]:
         """Adapt (first order) and predict the queries; per-task losses, accuracies and probabilities."""

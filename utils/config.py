@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ class ExperimentConfig:
     num_evaluation_tasks: int = _field(600, "fixed validation / test tasks", minimum=1)
     max_models_to_save: int = _field(5, "best epochs kept on disk and ensembled at test time", minimum=1)
     evaluate_on_test_set_only: bool = _field(False, "only run the ensemble test from saved checkpoints")
+
+    # --- robustness -----------------------------------------------------------------------
+    max_consecutive_nonfinite_iterations: int = _field(
+        10, "skipped meta-iterations (non-finite loss or gradient) in a row before training stops", minimum=1)
 
     # --- backbone -------------------------------------------------------------------------
     backbone: str = _field("4-CONV", "the backbone architecture", choices=("4-CONV",))
@@ -183,7 +188,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 
 
 def _number(kind: type, value: Any, where: str) -> int | float:
-    """An int or float from a number or a numeric string; booleans and fractional ints are refused."""
+    """An int or float from a number or a numeric string; booleans, fractional ints and floats that are
+    not finite (nan, inf: they would silently poison a run) are refused."""
     expected = "an integer" if kind is int else "a number"
     parsed = None
     if isinstance(value, str):
@@ -192,10 +198,15 @@ def _number(kind: type, value: Any, where: str) -> int | float:
         except ValueError:
             pass
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if kind is float or float(value).is_integer():
-            parsed = kind(value)
+        try:
+            if kind is float or float(value).is_integer():
+                parsed = kind(value)
+        except OverflowError:  # an integer beyond float range
+            pass
     if parsed is None:
         raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    if kind is float and not math.isfinite(parsed):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return parsed
 
 
@@ -226,6 +237,10 @@ def _check_limits(config: ExperimentConfig, source: str) -> None:
             raise ConfigError(f"key '{name}' in {source}: must be >= {meta['minimum']}, got {value!r}")
         if meta["maximum"] is not None and value > meta["maximum"]:
             raise ConfigError(f"key '{name}' in {source}: must be <= {meta['maximum']}, got {value!r}")
+    name = config.experiment_name
+    if not name.strip() or name in {".", ".."} or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"key 'experiment_name' in {source}: expected a folder name (not empty, no '/' or "
+                          f"'..'), got {name!r}; experiments_dir chooses where it lies")
     if config.min_learning_rate > config.meta_learning_rate:
         raise ConfigError(
             f"{source}: min_learning_rate ({config.min_learning_rate}) is above meta_learning_rate "
@@ -247,6 +262,9 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], source: str
     """Merge `overrides` into `base`, converting each value to its key's type."""
     merged = dict(base)
     for raw_key, value in overrides.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"key {raw_key!r} in {source} is not a name ({type(raw_key).__name__}); keys are "
+                              f"names such as batch_size")
         key = KEY_ALIASES.get(raw_key, raw_key)
         if key in IGNORED_REFERENCE_KEYS:
             continue

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not belong to this experiment."""
 
 
+class StorageError(RuntimeError):
+    """The experiment folder cannot be written (full disk, no permission, not a folder)."""
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        kept = "the previous version is kept" if path.exists() else "nothing was written"
+        raise StorageError(f"cannot write {path} ({error.strerror or error}); {kept}. Free space or fix the "
+                           f"permissions of {path.parent}, then rerun with --continue_from_epoch latest") from error
     finally:
-        if temporary.exists():
-            temporary.unlink()
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder itself is unusable: the error above says so
+
+
+def probe_writable(folder: Path, needed_bytes: int = 0) -> None:
+    """Fail now, not after an epoch, when `folder` cannot take files or `needed_bytes` more of them."""
+    atomic_write_bytes(folder / ".write_probe", b"probe")
+    (folder / ".write_probe").unlink()
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise StorageError(f"{folder} has {free / 2**20:.1f} MiB free but the checkpoints of this run need about "
+                           f"{needed_bytes / 2**20:.1f} MiB (max_models_to_save + 2 copies); free space, lower "
+                           f"max_models_to_save or choose another --experiments_dir")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -58,6 +80,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def checkpoint_path(models_folder: Path, tag: int | str) -> Path:
     return models_folder / f"{CHECKPOINT_PREFIX}{tag}"
+
+
+def resume_candidates(models_folder: Path) -> list[Path]:
+    """The checkpoints to resume from, best first: `train_model_latest`, then the epochs newest first."""
+    latest = checkpoint_path(models_folder, "latest")
+    epochs = [checkpoint_path(models_folder, epoch) for epoch in reversed(saved_epochs(models_folder))]
+    return ([latest] if latest.exists() else []) + epochs
 
 
 def saved_epochs(models_folder: Path) -> list[int]:
