@@ -5,6 +5,7 @@ Folder layout of an experiment (MAML++'s):
     EXPERIMENT/saved_models/train_model_{epoch}     the best `max_models_to_save` epochs by val accuracy
     EXPERIMENT/saved_models/train_model_latest      everything needed to resume exactly
     EXPERIMENT/logs/summary_statistics.csv          one row per epoch
+    EXPERIMENT/logs/inner_loop_statistics.csv       per epoch and inner step (log_inner_loop_statistics)
     EXPERIMENT/test_summary.{json,csv}              the ensemble test (test_summary_{DATASET} cross-domain)
 """
 from __future__ import annotations
@@ -20,9 +21,11 @@ from tqdm import tqdm
 
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
+from inner_loop_statistics import STATISTICS_FILE, InnerLoopStatisticsLog
 from utils.config import ConfigError, ExperimentConfig, save_config
 from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint, saved_epochs,
                            write_csv, write_json)
+from utils.tensorboard_log import TensorBoardLog
 
 CHECKPOINT_FORMAT = 1
 # Keys that decide the shape or meaning of the saved parameters: a checkpoint trained with other
@@ -140,6 +143,10 @@ class ExperimentBuilder:
     def train(self) -> bool:
         """Train up to `total_epochs`; False when `total_epochs_before_pause` stopped it earlier."""
         config = self.config
+        first_epoch = self.state["next_epoch"]
+        tensorboard = TensorBoardLog(self.logs_folder / "tensorboard", first_epoch) if config.use_tensorboard else None
+        inner_loop_log = (InnerLoopStatisticsLog(self.logs_folder / STATISTICS_FILE, first_epoch)
+                          if config.log_inner_loop_statistics else None)
         provider = FewShotDataProvider(config, splits=("train", "val"))
         if self.state["normalisation"] is None:
             self.state["normalisation"] = [provider.mean.tolist(), provider.std.tolist()]
@@ -148,6 +155,8 @@ class ExperimentBuilder:
             if epochs_run == config.total_epochs_before_pause:
                 print(f"Paused after {epochs_run} epochs (total_epochs_before_pause); resume with "
                       f"--continue_from_epoch latest")
+                if tensorboard is not None:
+                    tensorboard.close()
                 return False
             epoch = self.state["next_epoch"]
             started = time.time()
@@ -159,6 +168,8 @@ class ExperimentBuilder:
                     metrics = self.model.run_train_iter(batch, epoch)
                     losses.append(metrics["loss"])
                     accuracies.append(metrics["accuracy"])
+                    if inner_loop_log is not None:
+                        inner_loop_log.add(metrics["inner_loop_statistics"])
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
             validation = self.evaluate(provider, "val")
@@ -176,10 +187,17 @@ class ExperimentBuilder:
             self.state["next_epoch"] = epoch + 1
             self._save_epoch(epoch)
             write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+            inner_loop_rows = []
+            if inner_loop_log is not None:
+                inner_loop_rows = inner_loop_log.end_epoch(epoch, self.model.query_step_weights(epoch))
+            if tensorboard is not None:
+                tensorboard.log_epoch(row, inner_loop_rows)
             print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} acc {row['train_accuracy_mean']:.4f} | "
                   f"val loss {row['val_loss_mean']:.4f} acc {row['val_accuracy_mean']:.4f} | "
                   f"{row['epoch_time_s']:.1f}s", flush=True)
             epochs_run += 1
+        if tensorboard is not None:
+            tensorboard.close()
         return True
 
     # ------------------------------------------------------------------ the ensemble test
