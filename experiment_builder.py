@@ -5,6 +5,7 @@ Folder layout of an experiment (MAML++'s):
     EXPERIMENT/saved_models/train_model_{epoch}     the best `max_models_to_save` epochs by val accuracy
     EXPERIMENT/saved_models/train_model_latest      everything needed to resume exactly (mid-epoch after a signal)
     EXPERIMENT/logs/summary_statistics.csv          one row per epoch
+    EXPERIMENT/logs/inner_loop_statistics.csv       per epoch and inner step (log_inner_loop_statistics)
     EXPERIMENT/test_summary.{json,csv}              the ensemble test (test_summary_{DATASET} cross-domain)
 """
 from __future__ import annotations
@@ -21,12 +22,14 @@ from tqdm import tqdm
 
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
-from utils.preflight import check_datasets
 from utils.config import ConfigError, ExperimentConfig, save_config
+from utils.inner_loop_statistics import STATISTICS_FILE, InnerLoopStatisticsLog
 from utils.interrupt import StopRequest, TrainingInterrupted
 from utils.nonfinite import count_skipped
+from utils.preflight import check_datasets
 from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, probe_writable, resume_candidates,
                            save_checkpoint, saved_epochs, write_csv, write_json)
+from utils.tensorboard_log import TensorBoardLog
 
 CHECKPOINT_FORMAT = 1
 # Keys that decide the shape or meaning of the saved parameters: a checkpoint trained with other
@@ -191,7 +194,20 @@ class ExperimentBuilder:
 
     def train(self) -> bool:
         """Train up to `total_epochs`; False when `total_epochs_before_pause` stopped it earlier."""
+        first_epoch = self.state["next_epoch"]
+        tensorboard = (TensorBoardLog(self.logs_folder / "tensorboard", first_epoch)
+                       if self.config.use_tensorboard else None)
+        try:
+            return self._train_epochs(tensorboard)
+        finally:
+            if tensorboard is not None:
+                tensorboard.close()
+
+    def _train_epochs(self, tensorboard: Optional[TensorBoardLog]) -> bool:
         config = self.config
+        # Statistics of an epoch interrupted by a signal cover the iterations run after the resume.
+        inner_loop_log = (InnerLoopStatisticsLog(self.logs_folder / STATISTICS_FILE, self.state["next_epoch"])
+                          if config.log_inner_loop_statistics else None)
         provider = FewShotDataProvider(config, splits=("train", "val"))
         if self.state["normalisation"] is None:
             self.state["normalisation"] = [provider.mean.tolist(), provider.std.tolist()]
@@ -219,6 +235,8 @@ class ExperimentBuilder:
                     if not metrics["skipped"]:
                         losses.append(metrics["loss"])
                         accuracies.append(metrics["accuracy"])
+                        if inner_loop_log is not None:
+                            inner_loop_log.add(metrics["inner_loop_statistics"])
                     progress["iterations"] += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
@@ -242,6 +260,11 @@ class ExperimentBuilder:
             self.state["epoch_progress"] = fresh_epoch_progress()
             self._save_epoch(epoch)
             write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+            inner_loop_rows = []
+            if inner_loop_log is not None:
+                inner_loop_rows = inner_loop_log.end_epoch(epoch, self.model.query_step_weights(epoch))
+            if tensorboard is not None:
+                tensorboard.log_epoch(row, inner_loop_rows)
             print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} acc {row['train_accuracy_mean']:.4f} | "
                   f"val loss {row['val_loss_mean']:.4f} acc {row['val_accuracy_mean']:.4f} | "
                   f"{row['epoch_time_s']:.1f}s", flush=True)

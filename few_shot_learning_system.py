@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
+from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
 from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
 from utils.config import ExperimentConfig
 from utils.nonfinite import finiteness_probe
@@ -97,6 +98,7 @@ class InnerLoopResult:
     query_loss: Tensor  # [T], weighted over the steps, in the graph of the meta-parameters
     query_logits: Tensor  # [T, queries, classes] after the last step
     support_losses: Tensor  # [steps, T], detached
+    statistics: Optional[InnerLoopStatistics] = None  # with log_inner_loop_statistics, in training
 
 
 class MAMLFewShotClassifier(nn.Module):
@@ -200,9 +202,14 @@ class MAMLFewShotClassifier(nn.Module):
         query_loss = torch.zeros(tasks, device=task.support_images.device)
         query_logits = None
         support_losses = []
+        recorder = None
+        if self.config.log_inner_loop_statistics and track_meta_graph:  # the meta-training inner loop only
+            scaled_layers = self.context.conv_weight_names if self.context is not None else []
+            recorder = InnerLoopRecorder(self.inner_loop_param_names, scaled_layers)
         for step in range(num_steps):
+            gamma = None
             if self.context is not None:
-                fast, _ = self.context.rescale(fast, context)  # step 3a: replace the conv weights
+                fast, gamma = self.context.rescale(fast, context)  # step 3a: replace the conv weights
             losses = support_loss(fast, step, double_backward=create_graph)
             support_losses.append(losses.detach())
             # Summing the per-task losses gives each task's own gradient for its own weights.
@@ -211,6 +218,8 @@ class MAMLFewShotClassifier(nn.Module):
             # saved tensors this gradient would otherwise free.
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=create_graph,
                                         retain_graph=create_graph or (context is not None and track_meta_graph))
+            if recorder is not None:
+                recorder.record_step(grads[:len(fast)], gamma)
             fast = self.inner_loop_optimizer.update_params(fast, dict(zip(fast, grads)), step)
             if context is not None:
                 context = self.context.step(context, grads[-1])
@@ -227,7 +236,8 @@ class MAMLFewShotClassifier(nn.Module):
                 query_logits = logits
         return InnerLoopResult(
             adapted_params=fast, query_loss=query_loss, query_logits=query_logits,
-            support_losses=torch.stack(support_losses))
+            support_losses=torch.stack(support_losses),
+            statistics=recorder.result() if recorder is not None else None)
 
     # ------------------------------------------------------------------ the outer loop
     def query_step_weights(self, epoch: int) -> np.ndarray:
@@ -248,21 +258,24 @@ class MAMLFewShotClassifier(nn.Module):
             for index in range(task.num_tasks):
                 yield task.select(index)
 
-    def run_train_iter(self, task: TaskBatch, epoch: int) -> dict[str, float]:
-        """One meta-update on a meta-batch; returns the mean query loss and accuracy, and whether the update
-        was skipped because the loss or a gradient was not finite."""
+    def run_train_iter(self, task: TaskBatch, epoch: int) -> dict[str, Any]:
+        """One meta-update on a meta-batch; returns the mean query loss and accuracy (floats), whether the
+        update was skipped because the loss or a gradient was not finite, and with
+        `log_inner_loop_statistics` the inner loop's `InnerLoopStatistics` over all its tasks."""
         self.train()
         task = task.to(self.device)
         weights = self.query_step_weights(epoch)
         second_order = self.use_second_order(epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        losses, correct = [], []
+        losses, correct, statistics = [], [], []
         for chunk in self._chunks(task):
             result = self.inner_loop(chunk, self.config.number_of_training_steps_per_iter, second_order, weights)
             # The meta-loss is the mean over all tasks; each chunk contributes its share.
             (result.query_loss.sum() / task.num_tasks).backward()
             losses.append(result.query_loss.detach())
             correct.append((result.query_logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
+            if result.statistics is not None:
+                statistics.append(result.statistics)
         all_losses = torch.cat(losses)
         # One host sync per iteration reads the metrics and whether the update is finite: one NaN/inf
         # step would make every weight and Adam moment NaN for good, so it is skipped (utils/nonfinite.py).
@@ -271,7 +284,10 @@ class MAMLFewShotClassifier(nn.Module):
         skipped = not math.isfinite(probe)
         if not skipped:
             self.optimizer.step()
-        return {"loss": loss, "accuracy": accuracy, "skipped": skipped}
+        metrics = {"loss": loss, "accuracy": accuracy, "skipped": skipped}
+        if statistics:
+            metrics["inner_loop_statistics"] = InnerLoopStatistics.concatenate(statistics)
+        return metrics
 
     def run_validation_iter(self, task: TaskBatch) -> dict[str, Tensor]:
         """Adapt (first order) and predict the queries; per-task losses, accuracies and probabilities."""

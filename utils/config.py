@@ -110,6 +110,12 @@ class ExperimentConfig:
     num_context_params: int = _field(100, "P: size of the per-task context vector", minimum=1)
     context_params_learning_rate: float = _field(1.0, "beta: inner learning rate of the context", minimum=0.0)
 
+    # --- analysis -------------------------------------------------------------------------
+    log_inner_loop_statistics: bool = _field(
+        False, "log each inner-loop parameter's gradient norm per step (and CxGrad's gamma) per epoch "
+               "to logs/inner_loop_statistics.csv")
+    use_tensorboard: bool = _field(False, "also write the epoch statistics to logs/tensorboard (needs tensorboard)")
+
     # --- speed ----------------------------------------------------------------------------
     task_batching: str = _field(
         "batched", "compute all tasks of a meta-batch at once, or one after another", choices=("batched", "loop"))

@@ -1,0 +1,271 @@
+"""Seeing what the method does: inner-loop statistics, the plot script, the results table, TensorBoard."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import FewShotDataProvider
+from experiment_builder import ExperimentBuilder
+from few_shot_learning_system import MAMLFewShotClassifier, last_step_only, multi_step_loss_weights, \
+    per_task_cross_entropy
+from utils.inner_loop_statistics import STATISTICS_FILE, InnerLoopStatistics, InnerLoopStatisticsLog, read_statistics
+from tests.conftest import tiny_overrides
+from utils import plot_experiment, summarize_results
+from utils.config import ConfigError, load_config
+from utils.storage import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 2  # number_of_training_steps_per_iter of the tiny config
+
+
+@pytest.fixture(scope="module")
+def finished_runs(toy_datasets, tmp_path_factory) -> Path:
+    """Two finished tiny experiments with inner-loop statistics: 'cxgrad' (with MSL) and 'maml' (also
+    tested cross-domain on toy_other)."""
+    experiments = tmp_path_factory.mktemp("analysis") / "experiments"
+
+    def config(**extra):
+        return load_config(overrides=tiny_overrides(toy_datasets, experiments, log_inner_loop_statistics=True,
+                                                    total_epochs=2, **extra))
+
+    ExperimentBuilder(config(experiment_name="cxgrad", contextual_grad=True, use_multi_step_loss_optimization=True,
+                             multi_step_loss_num_epochs=2)).run_experiment()
+    ExperimentBuilder(config(experiment_name="maml")).run_experiment()
+    ExperimentBuilder(config(experiment_name="maml", evaluate_on_test_set_only=True,
+                             test_dataset="toy_other")).run_experiment()
+    return experiments
+
+
+def first_batch(config):
+    return FewShotDataProvider(config, splits=("train",)).train_batch(0)
+
+
+# ---------------------------------------------------------------------- recording in the inner loop
+def test_recorded_norms_are_each_tasks_own_gradient_norms(tiny_config):
+    config = tiny_config(log_inner_loop_statistics=True)
+    torch.manual_seed(0)
+    model = MAMLFewShotClassifier(config, torch.device("cpu"))
+    task = first_batch(config)
+    # Step 0 adapts from the meta-parameters: its gradients are those of each task's support loss there.
+    losses = per_task_cross_entropy(model.classifier(task.support_images, step=0), task.support_labels)
+    params = dict(model.classifier.named_parameters())
+    expected = torch.tensor([[torch.autograd.grad(losses[t], params[name], retain_graph=True)[0].norm().item()
+                              for t in range(task.num_tasks)] for name in model.inner_loop_param_names])
+
+    statistics = model.run_train_iter(task, epoch=0)["inner_loop_statistics"]
+    assert statistics.parameter_names == model.inner_loop_param_names
+    assert statistics.grad_norms.shape == (STEPS, len(model.inner_loop_param_names), task.num_tasks)
+    assert statistics.gammas is None and statistics.layer_names == []
+    assert bool((statistics.grad_norms > 0).all()) and bool(statistics.grad_norms.isfinite().all())
+    torch.testing.assert_close(statistics.grad_norms[0], expected, rtol=1e-4, atol=1e-7)
+    assert not statistics.grad_norms.requires_grad
+
+
+def test_cxgrad_records_gamma_and_task_by_task_chunks_agree(tiny_config):
+    recorded = {}
+    for batching in ("batched", "loop"):
+        config = tiny_config(log_inner_loop_statistics=True, contextual_grad=True, task_batching=batching)
+        torch.manual_seed(0)
+        model = MAMLFewShotClassifier(config, torch.device("cpu"))
+        recorded[batching] = model.run_train_iter(first_batch(config), epoch=0)["inner_loop_statistics"]
+    batched, loop = recorded.values()
+    layers = model.context.conv_weight_names
+    assert batched.layer_names == layers
+    assert batched.gammas.shape == (STEPS, len(layers), config.batch_size)
+    assert bool((batched.gammas > 0).all()) and bool((batched.grad_norms > 0).all())
+    torch.testing.assert_close(loop.grad_norms, batched.grad_norms, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loop.gammas, batched.gammas, rtol=1e-5, atol=1e-7)
+
+
+def test_nothing_is_recorded_when_off_or_at_evaluation(tiny_config):
+    config = tiny_config()
+    model = MAMLFewShotClassifier(config, torch.device("cpu"))
+    assert "inner_loop_statistics" not in model.run_train_iter(first_batch(config), epoch=0)
+    config = tiny_config(log_inner_loop_statistics=True)
+    model = MAMLFewShotClassifier(config, torch.device("cpu"))
+    result = model.inner_loop(first_batch(config), STEPS, second_order=False, query_step_weights=last_step_only(STEPS),
+                              track_meta_graph=False)
+    assert result.statistics is None
+
+
+def test_epoch_log_averages_over_every_task_of_the_epoch(tmp_path):
+    names, layers = ["layer0.conv.weight", "linear.weight"], ["layer0.conv.weight"]
+    # Two iterations of 2 and 1 tasks, 1 step: the epoch mean and std are over all 3 tasks.
+    log = InnerLoopStatisticsLog(tmp_path / STATISTICS_FILE, first_epoch=0)
+    log.add(InnerLoopStatistics(names, torch.tensor([[[1.0, 3.0], [10.0, 10.0]]]), layers,
+                                torch.tensor([[[0.5, 1.5]]])))
+    log.add(InnerLoopStatistics(names, torch.tensor([[[5.0], [40.0]]]), layers, torch.tensor([[[1.0]]])))
+    log.end_epoch(0, np.array([1.0]))
+    rows = {(r["quantity"], r["parameter"]): r for r in read_statistics(tmp_path / STATISTICS_FILE)}
+    assert rows["grad_norm", "layer0.conv.weight"]["mean"] == pytest.approx(3.0)
+    assert rows["grad_norm", "layer0.conv.weight"]["std"] == pytest.approx(np.std([1.0, 3.0, 5.0]))
+    assert rows["grad_norm", "linear.weight"]["mean"] == pytest.approx(20.0)
+    assert rows["gamma", "layer0.conv.weight"]["mean"] == pytest.approx(1.0)
+    assert rows["gamma", "layer0.conv.weight"]["std"] == pytest.approx(np.std([0.5, 1.5, 1.0]))
+    assert rows["query_step_weight", ""]["mean"] == 1.0
+    assert len(rows) == 4
+
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("epoch,loss\n0,1.5\n")
+    with pytest.raises(CheckpointError, match="foreign.csv is not an inner-loop statistics log"):
+        InnerLoopStatisticsLog(foreign, first_epoch=1)
+
+
+# ---------------------------------------------------------------------- the log of a training run
+def test_training_writes_inner_loop_statistics_per_epoch_and_step(finished_runs):
+    for name, is_cxgrad in (("cxgrad", True), ("maml", False)):
+        folder = finished_runs / name
+        builder = ExperimentBuilder(load_config(folder / "config.yaml"))
+        rows = read_statistics(folder / "logs" / STATISTICS_FILE)
+        assert sorted({(r["epoch"], r["step"]) for r in rows}) == [(e, s) for e in range(2) for s in range(STEPS)]
+        for epoch in range(2):
+            of_epoch = [r for r in rows if r["epoch"] == epoch]
+            weights = [r["mean"] for r in of_epoch if r["quantity"] == "query_step_weight"]
+            np.testing.assert_allclose(weights, builder.model.query_step_weights(epoch))
+            norms = {(r["step"], r["parameter"]): r for r in of_epoch if r["quantity"] == "grad_norm"}
+            assert set(norms) == {(s, p) for s in range(STEPS) for p in builder.model.inner_loop_param_names}
+            assert all(r["mean"] > 0 and r["std"] >= 0 for r in norms.values())
+            gammas = [r for r in of_epoch if r["quantity"] == "gamma"]
+            if is_cxgrad:
+                assert {r["parameter"] for r in gammas} == set(builder.model.classifier.conv_weight_names)
+                assert all(r["mean"] > 0 and r["std"] >= 0 for r in gammas)
+            else:
+                assert gammas == []
+    # MSL (2 epochs) weights the steps 1/2, 1/2 in epoch 0, then 1/4, 3/4.
+    cxgrad_rows = read_statistics(finished_runs / "cxgrad" / "logs" / STATISTICS_FILE)
+    epoch1 = [r["mean"] for r in cxgrad_rows if r["epoch"] == 1 and r["quantity"] == "query_step_weight"]
+    np.testing.assert_allclose(epoch1, multi_step_loss_weights(STEPS, 1, 2))
+
+
+def test_a_resumed_run_keeps_the_earlier_epochs_once(tiny_config):
+    first = ExperimentBuilder(tiny_config(log_inner_loop_statistics=True, total_epochs=2, total_epochs_before_pause=1))
+    first._resume()
+    assert first.train() is False
+    path = first.logs_folder / STATISTICS_FILE
+    epoch0 = read_statistics(path)
+    second = ExperimentBuilder(tiny_config(log_inner_loop_statistics=True, total_epochs=2))
+    second._resume()
+    assert second.train() is True
+    rows = read_statistics(path)
+    assert [r for r in rows if r["epoch"] == 0] == epoch0
+    assert sorted({r["epoch"] for r in rows}) == [0, 1]
+    assert len(rows) == 2 * len(epoch0)
+
+
+# ---------------------------------------------------------------------- the plot script
+def test_plot_script_writes_the_figures(finished_runs, tmp_path, capsys):
+    out = tmp_path / "plots"
+    code = plot_experiment.main([str(finished_runs / "cxgrad"), "--compare", str(finished_runs / "maml"),
+                                 "--out", str(out)])
+    assert code == 0
+    panel = tuple(int(inches * plot_experiment.DPI) for inches in plot_experiment.PANEL_INCHES)
+    expected_sizes = {"learning_curves.png": (2 * panel[0], panel[1]),
+                      "gradient_norms.png": (2 * panel[0], 2 * panel[1]),  # one column per experiment
+                      "gamma.png": (panel[0], panel[1]),  # the CxGrad run only
+                      "msl_importance.png": (2 * panel[0], panel[1])}
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected_sizes)
+    for name, size in expected_sizes.items():
+        with Image.open(out / name) as image:
+            assert image.size == size, name
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert len(colours) > 50, f"{name} looks blank"
+
+    # The printed backbone share, recomputed from the CSV: last epoch, mean over the inner steps.
+    rows = [r for r in read_statistics(finished_runs / "maml" / "logs" / STATISTICS_FILE)
+            if r["epoch"] == 1 and r["quantity"] == "grad_norm"]
+    mean = {p: np.mean([r["mean"] for r in rows if r["parameter"] == p]) for p in {r["parameter"] for r in rows}}
+    backbone = sum(v for p, v in mean.items() if ".conv.weight" in p)
+    share = re.search(r"maml \(MAML\).*backbone share ([\d.]+)%", capsys.readouterr().out)
+    assert float(share.group(1)) == pytest.approx(100 * backbone / (backbone + mean["linear.weight"]), abs=0.051)
+
+
+def test_plot_script_explains_missing_logs(finished_runs, tmp_path):
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(finished_runs / "maml", unrecorded, ignore=shutil.ignore_patterns("saved_models"))
+    (unrecorded / "logs" / STATISTICS_FILE).unlink()
+    script = [sys.executable, "utils/plot_experiment.py"]
+    done = subprocess.run(script + [str(unrecorded)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "log_inner_loop_statistics" in done.stderr and "Traceback" not in done.stderr
+    assert (unrecorded / "plots" / "learning_curves.png").stat().st_size > 0
+    assert not (unrecorded / "plots" / "gradient_norms.png").exists()
+
+    never_trained = tmp_path / "never_trained"
+    never_trained.mkdir()
+    with pytest.raises(plot_experiment.PlotError, match="summary_statistics.csv"):
+        plot_experiment.plot_experiments([never_trained])
+
+
+# ---------------------------------------------------------------------- the results table
+def test_results_table_lists_finished_experiments_with_their_numbers(finished_runs, tmp_path, capsys):
+    root = tmp_path / "experiments"
+    for name in ("cxgrad", "maml"):
+        shutil.copytree(finished_runs / name, root / name, ignore=shutil.ignore_patterns("saved_models"))
+    shutil.copytree(root / "maml" / "logs", root / "unfinished" / "logs")  # trained, never tested
+    (root / "broken").mkdir()
+    (root / "broken" / "test_summary.json").write_text("{not json")
+
+    assert summarize_results.main([str(root)]) == 0
+    printed = capsys.readouterr()
+    assert "skipped" in printed.err and "broken" in printed.err
+    rows = {row["experiment"]: row for row in csv.DictReader(open(root / "results.csv"))}
+    assert sorted(rows) == ["cxgrad", "maml"]
+    assert (rows["cxgrad"]["method"], rows["maml"]["method"]) == ("CxGrad", "MAML")
+    for name, row in rows.items():
+        summary = json.loads((root / name / "test_summary.json").read_text())
+        epochs = list(csv.DictReader(open(root / name / "logs" / "summary_statistics.csv")))
+        assert (row["dataset"], int(row["ways"]), int(row["shots"])) == ("toy", 5, 1)
+        for key in ("ensemble_test_accuracy", "ensemble_test_confidence_95", "best_single_model_test_accuracy",
+                    "best_single_model_test_confidence_95"):
+            assert float(row[key]) == pytest.approx(summary[key])
+        assert int(row["epochs"]) == 2
+        assert float(row["wall_time_s"]) == pytest.approx(sum(float(e["epoch_time_s"]) for e in epochs))
+        cell = f"{100 * summary['ensemble_test_accuracy']:.2f} +- {100 * summary['ensemble_test_confidence_95']:.2f}"
+        assert cell in printed.out and cell in (root / "results.md").read_text()
+    cross = json.loads((root / "maml" / "test_summary_toy_other.json").read_text())
+    assert float(rows["maml"]["toy_other_ensemble_test_accuracy"]) == pytest.approx(cross["ensemble_test_accuracy"])
+    assert rows["cxgrad"]["toy_other_ensemble_test_accuracy"] == ""
+    assert "-> toy_other" in (root / "results.md").read_text()
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    assert summarize_results.main([str(empty)]) == 2
+    assert "no finished experiment" in capsys.readouterr().err
+
+
+def test_method_names():
+    name = summarize_results.method_name
+    assert name({"contextual_grad": True, "use_multi_step_loss_optimization": True}) == "CxGrad"
+    assert name({"contextual_grad": False, "per_step_bn_statistics": True}) == "MAML++"
+    assert name({"contextual_grad": False, "second_order": False}) == "MAML (first order)"
+
+
+# ---------------------------------------------------------------------- TensorBoard
+def test_tensorboard_without_the_package_is_a_config_error(tiny_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        ExperimentBuilder(tiny_config(use_tensorboard=True)).train()
+
+
+def test_tensorboard_logs_the_epoch_and_inner_loop_scalars(tiny_config):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    builder = ExperimentBuilder(tiny_config(use_tensorboard=True, log_inner_loop_statistics=True, total_epochs=2))
+    builder.train()
+    events = EventAccumulator(str(builder.logs_folder / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "epoch/val_accuracy_mean" in tags and "inner_loop/grad_norm/linear.weight/step0" in tags
+    values = [event.value for event in events.Scalars("epoch/val_accuracy_mean")]
+    assert values == pytest.approx([row["val_accuracy_mean"] for row in builder.state["epoch_rows"]])
