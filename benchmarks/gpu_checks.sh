@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go (about 8 minutes on one H100/H200):
+#   1. bench_iteration.py on CUDA: per-task loop vs batched (and bf16 + channels_last), both configs;
+#   2. the Omniglot CPU-budget configs trained on the GPU, at once: CxGrad float32, CxGrad bf16
+#      (mixed_precision) and MAML float32, all with log_inner_loop_statistics; then the results
+#      table and the MAML-vs-CxGrad gradient-norm plot;
+#   3. plain `python train_maml_system.py` vs `torchrun --nproc_per_node=1` on a short run.
+# Usage: OMNIGLOT_ZIPS=DIR bash benchmarks/gpu_checks.sh OUT_DIR
+# A quick dry run of the script on a CPU machine:
+#   DEVICE=cpu SKIP_BENCH=1 EXTRA_ARGS="--total_epochs 1 --total_iter_per_epoch 3 --num_evaluation_tasks 16" \
+#   OMNIGLOT_ZIPS=../shared/data/omniglot bash benchmarks/gpu_checks.sh /tmp/gpu_dry_run
+set -u
+final=${1:?usage: OMNIGLOT_ZIPS=DIR bash benchmarks/gpu_checks.sh OUT_DIR}
+mkdir -p "$final"
+python=${PYTHON:-python3}
+work=$(mktemp -d)
+out="$work/report"  # everything goes here; OUT_DIR gets summary.txt, the plot and report.tar.gz
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 FSL_NO_DOWNLOAD=1 DATASET_DIR="$work/datasets"
+experiments="$work/experiments"
+summary="$out/summary.txt"
+device=${DEVICE:-cuda}
+read -r -a extra <<< "${EXTRA_ARGS:-}"
+say() { echo "== $* ($(date +%T))" | tee -a "$summary"; }
+
+say "GPU"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$summary"
+"$python" -c "import torch; print('torch', torch.__version__)" | tee -a "$summary"
+
+say "preprocess omniglot"
+"$python" preprocess/preprocess.py --datasets omniglot --source "${OMNIGLOT_ZIPS:?}" --dest "$DATASET_DIR" \
+    > "$out/preprocess.log" 2>&1 || { tail -5 "$out/preprocess.log" | tee -a "$summary"; }
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+    say "bench_iteration (CUDA, nothing else running)"
+    timeout 240 "$python" benchmarks/bench_iteration.py --devices cuda --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
+fi
+
+say "Omniglot CPU-budget configs on the GPU (three runs at once)"
+config_dir=experiment_config/omniglot_5way_1shot
+train() {  # name config mixed_precision
+    local name=$1 config=$2 bf16=$3 started=$SECONDS
+    timeout 330 "$python" train_maml_system.py --name_of_args_json_file "$config_dir/$config" \
+        --experiment_name "$name" --experiments_dir "$experiments" --device "$device" --show_progress false \
+        --mixed_precision "$bf16" --log_inner_loop_statistics true "${extra[@]}" > "$out/$name.log" 2>&1
+    echo "$name: exit $?, wall $((SECONDS - started)) s; $(tail -1 "$out/$name.log")" >> "$summary"
+}
+train omniglot_CxGrad_fp32 CxGrad_4conv_cpu.yaml false &
+train omniglot_CxGrad_bf16 CxGrad_4conv_cpu.yaml true &
+train omniglot_maml_fp32 maml_4conv_cpu.yaml false &
+wait
+grep -h "^epoch" "$out"/omniglot_*.log >> "$out/epochs.txt"
+"$python" utils/summarize_results.py "$experiments" --out "$out" 2>&1 | tee -a "$summary"
+"$python" utils/plot_experiment.py "$experiments/omniglot_CxGrad_fp32" --compare "$experiments/omniglot_maml_fp32" \
+    --out "$out/plots" 2>&1 | tee -a "$summary"
+
+if [ -f utils/distributed.py ]; then
+    say "plain run vs torchrun --nproc_per_node=1"
+    short=(--name_of_args_json_file "$config_dir/CxGrad_4conv_cpu.yaml" --experiments_dir "$experiments" --device "$device"
+           --show_progress false --total_epochs 1 --total_iter_per_epoch 300 --num_evaluation_tasks 200
+           --max_models_to_save 1 "${extra[@]}")
+    timeout 120 "$python" train_maml_system.py "${short[@]}" --experiment_name plain > "$out/plain.log" 2>&1
+    timeout 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 train_maml_system.py "${short[@]}" \
+        --experiment_name torchrun1 > "$out/torchrun1.log" 2>&1
+    grep -h -E "^epoch|Ensemble" "$out/plain.log" "$out/torchrun1.log" | tee -a "$summary"
+fi
+
+say "collect"
+tar -C "$work" --exclude=saved_models --exclude=tensorboard -czf "$out/experiments_logs.tar.gz" experiments
+cp "$summary" "$final/summary.txt"
+cp "$out/plots/gradient_norms.png" "$final/" 2>/dev/null
+tar -C "$work" -czf "$final/report.tar.gz" report
