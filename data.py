@@ -208,8 +208,8 @@ class TaskSampler:
     def __init__(self, split: ImageSplit, ways: int, shots: int, queries: int, mean: np.ndarray,
                  std: np.ndarray, rotate_classes: bool = False, split_name: str = "split"):
         self.split, self.ways, self.shots, self.queries = split, ways, shots, queries
-        self.mean = mean.astype(np.float32).reshape(1, 1, 1, -1)
-        self.std = std.astype(np.float32).reshape(1, 1, 1, -1)
+        self.mean = mean.astype(np.float32).reshape(1, -1, 1, 1)
+        self.std = std.astype(np.float32).reshape(1, -1, 1, 1)
         self.rotate_classes = rotate_classes
         needed = shots + queries
         self.eligible = np.flatnonzero(split.class_counts >= needed)
@@ -224,8 +224,11 @@ class TaskSampler:
                 f"fewer than the {ways} ways asked for; lower num_classes_per_set, "
                 f"num_samples_per_class or num_target_samples")
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One task as normalised float32 arrays [N*K, C, H, W], labels [N*K], and the same for queries."""
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One task's uint8 support [N*K, H, W, C] and query [N*Q, H, W, C] images, class by class.
+
+        Label n is the n-th class drawn; the class order is random, so labels are shuffled per task.
+        """
         classes = rng.choice(self.eligible, size=self.ways, replace=False)
         support, query = [], []
         for class_index in classes:
@@ -235,21 +238,33 @@ class TaskSampler:
                 images = np.rot90(images, k=int(rng.integers(4)), axes=(1, 2))
             support.append(images[:self.shots])
             query.append(images[self.shots:])
-        labels = np.arange(self.ways)  # the class order is random, so labels are shuffled per task
-        return (self._normalise(np.concatenate(support)), np.repeat(labels, self.shots),
-                self._normalise(np.concatenate(query)), np.repeat(labels, self.queries))
+        return np.concatenate(support), np.concatenate(query)
 
-    def _normalise(self, images: np.ndarray) -> np.ndarray:
-        floats = (images.astype(np.float32) / 255.0 - self.mean) / self.std
-        return np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
+    def _normalise(self, images: np.ndarray, out: np.ndarray) -> None:
+        """out [n, C, H, W] = (images / 255 - mean) / std in float32, in place: no temporary copies."""
+        np.divide(images.transpose(0, 3, 1, 2), np.float32(255.0), out=out, dtype=np.float32)
+        np.subtract(out, self.mean, out=out)
+        np.divide(out, self.std, out=out)
 
     def batch(self, rngs: list[np.random.Generator], pin_memory: bool = False) -> TaskBatch:
-        tasks = [self.sample(rng) for rng in rngs]
-        tensors = [torch.from_numpy(np.stack([task[part] for task in tasks])) for part in range(4)]
-        tensors[1], tensors[3] = tensors[1].long(), tensors[3].long()
+        """One task per generator, normalised straight into the (pinned, for CUDA) batch tensors."""
+        height, width, channels = self.split.images.shape[1:]
+        tasks = len(rngs)
+        support = torch.empty((tasks, self.ways * self.shots, channels, height, width), dtype=torch.float32,
+                              pin_memory=pin_memory)
+        query = torch.empty((tasks, self.ways * self.queries, channels, height, width), dtype=torch.float32,
+                            pin_memory=pin_memory)
+        support_out, query_out = support.numpy(), query.numpy()
+        for task, rng in enumerate(rngs):
+            support_images, query_images = self.draw(rng)
+            self._normalise(support_images, support_out[task])
+            self._normalise(query_images, query_out[task])
+        labels = np.arange(self.ways)
+        support_labels = torch.from_numpy(np.tile(np.repeat(labels, self.shots), (tasks, 1)))
+        query_labels = torch.from_numpy(np.tile(np.repeat(labels, self.queries), (tasks, 1)))
         if pin_memory:
-            tensors = [t.pin_memory() for t in tensors]
-        return TaskBatch(*tensors)
+            support_labels, query_labels = support_labels.pin_memory(), query_labels.pin_memory()
+        return TaskBatch(support, support_labels, query, query_labels)
 
 
 def channel_statistics(split: ImageSplit, max_images: int = 20000,
