@@ -1,6 +1,6 @@
 """Data pipeline benchmark: is the task loader at least 10x faster than a training iteration?
 
-Two settings, each with its shipped config and run on the CPU:
+Two settings, each with its shipped config:
 
 - `omniglot`: Omniglot 5-way 1-shot (experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml), built
   from the official zips (--omniglot-zips DIR, else $OMNIGLOT_ZIPS, else ../shared/data/omniglot), or
@@ -19,10 +19,11 @@ For each it measures
   --device cuda;
 - the ratio loader / training = (batches per second with the configured workers) x (seconds per iteration).
 
-It prints one JSON line per setting, then a table, and exits with status 1 if a ratio is below
---min-ratio (10). Datasets are built in a temporary folder (in RAM under /dev/shm when it has room)
-that is deleted afterwards; nothing under --datasets-dir is written. Loader and training are timed
-one after the other, each alone on the machine's cores (torch's default thread count).
+It prints one JSON line per setting, then a table, on stdout (progress goes to stderr), and exits
+with status 1 if a ratio is below --min-ratio (10). Datasets are built in a temporary folder (in RAM
+under /dev/shm when it has room) that is deleted afterwards; nothing under --datasets-dir is written.
+Loader and training are timed one after the other, each alone on the machine's cores (torch's
+default thread count; set OMP_NUM_THREADS to change it).
 
     python benchmarks/bench_data.py [--settings omniglot mini_imagenet_shaped]
         [--omniglot-zips DIR | --datasets-dir DIR] [--images-per-class 600] [--iterations 3]
@@ -30,6 +31,7 @@ one after the other, each alone on the machine's cores (torch's default thread c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -248,10 +250,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for name in args.settings:
             started = time.perf_counter()
-            if name == "omniglot":
-                folder = omniglot_dataset(work, None if args.datasets_dir else zips, args.datasets_dir)
-            else:
-                folder = make_imagenet_shaped(work, args.images_per_class)
+            with contextlib.redirect_stdout(sys.stderr):  # build progress: stdout holds only the results
+                if name == "omniglot":
+                    folder = omniglot_dataset(work, None if args.datasets_dir else zips, args.datasets_dir)
+                else:
+                    folder = make_imagenet_shaped(work, args.images_per_class)
             print(f"{name}: dataset ready in {time.perf_counter() - started:.1f}s at {folder}", file=sys.stderr,
                   flush=True)
             config = load_config(SETTINGS[name], overrides={"dataset_name": folder.name, "dataset_path": folder.name,
