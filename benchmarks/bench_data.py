@@ -71,8 +71,8 @@ def make_imagenet_shaped(root: Path, images_per_class: int, classes: tuple[int, 
                          size: int = 84, seed: int = 0) -> Path:
     """A dataset shaped like mini-ImageNet: `size`x`size` RGB JPEGs in train/val/test class folders.
 
-    Each class is a smooth colour field from a 12x12 prototype plus pixel noise, so the JPEGs are about
-    as large (4-5 kB at 84x84) and as slow to decode as mini-ImageNet's photographs.
+    Each class is a smooth colour field from a 12x12 prototype plus pixel noise: JPEGs of 4-5 kB at
+    84x84 (quality 90), so the cold start decodes real JPEG data rather than blank images.
     """
     rng = np.random.default_rng(seed)
     folder = root / IMAGENET_SHAPED
