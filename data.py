@@ -9,10 +9,12 @@ A split is decoded once into one uint8 array (cached next to the dataset, memory
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,9 +24,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from utils.storage import atomic_write_text
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the index holds the split's channel statistics
 
 
 class DatasetError(ValueError):
@@ -66,6 +70,7 @@ class ImageSplit:
     class_names: list[str]
     class_starts: np.ndarray  # index of each class's first image
     class_counts: np.ndarray
+    statistics: Optional[tuple[np.ndarray, np.ndarray]] = None  # channel_statistics, kept in the cache
 
     def class_images(self, class_index: int) -> np.ndarray:
         start = self.class_starts[class_index]
@@ -101,11 +106,45 @@ def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     return array.reshape(height, width, channels)
 
 
+# What Pillow raises for a truncated, corrupt or non-image file (IsADirectoryError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """One process at a time decodes a split; the others wait and then find its cache."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_cache(array_path: Path, index_path: Path, manifest_text: str, shape: tuple[int, int, int],
+                in_memory: bool) -> Optional[ImageSplit]:
+    """The cached split, or None when there is no cache, it belongs to another build, or it is damaged."""
+    try:
+        index = json.loads(index_path.read_text())
+        if index.get("manifest") != manifest_text or index.get("version") != CACHE_VERSION:
+            return None
+        images = np.load(array_path, mmap_mode=None if in_memory else "r")
+        counts = np.array(index["class_counts"])
+        statistics = tuple(np.array(value, dtype=np.float32) for value in index["statistics"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing or damaged: decode again
+        return None
+    channels, height, width = shape
+    if images.dtype != np.uint8 or images.shape != (int(counts.sum()), height, width, channels):
+        return None
+    return ImageSplit(images, index["class_names"], np.array(index["class_starts"]), counts, statistics)
+
+
 def load_split(folder: Path, split: str, shape: tuple[int, int, int], in_memory: bool = True) -> ImageSplit:
     """Decode a split at `shape` (C, H, W) once into a cache file, then load that cache.
 
     Images of another size are resized, so a model trained at one size can be tested on another
-    dataset (cross-domain). The cache is keyed by the manifest, so a rebuilt dataset is re-decoded.
+    dataset (cross-domain). The cache is keyed by the manifest, so a rebuilt dataset is re-decoded;
+    a damaged cache is decoded again, and an interrupted decode leaves nothing that looks complete.
     """
     manifest_text = (folder / "manifest.json").read_text()
     split_folder = folder / split
@@ -115,13 +154,30 @@ def load_split(folder: Path, split: str, shape: tuple[int, int, int], in_memory:
     cache_dir = folder / ".cache"
     stem = f"{split}_{height}x{width}x{channels}"
     array_path, index_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
-    if index_path.is_file() and array_path.is_file():
-        index = json.loads(index_path.read_text())
-        if index.get("manifest") == manifest_text and index.get("version") == CACHE_VERSION:
-            images = np.load(array_path, mmap_mode=None if in_memory else "r")
-            return ImageSplit(images, index["class_names"], np.array(index["class_starts"]),
-                              np.array(index["class_counts"]))
+    cached = _load_cache(array_path, index_path, manifest_text, shape, in_memory)
+    if cached is not None:
+        return cached
+    lock_path = cache_dir / f"{stem}.lock"
+    try:
+        cache_dir.mkdir(exist_ok=True)
+        lock_path.touch()
+    except OSError as error:
+        raise DatasetError(f"cannot write the image cache {cache_dir} ({error}); the first use of a dataset "
+                           f"decodes it there once, so {folder} must be writable") from None
+    with _exclusive_lock(lock_path):
+        cached = _load_cache(array_path, index_path, manifest_text, shape, in_memory)  # decoded while we waited?
+        if cached is None:
+            for leftover in cache_dir.glob(f"{stem}.*.tmp.npy"):  # from a decode that was killed
+                leftover.unlink()
+            _decode_into_cache(folder, split_folder, shape, array_path, index_path, manifest_text)
+            cached = _load_cache(array_path, index_path, manifest_text, shape, in_memory)
+    return cached
 
+
+def _decode_into_cache(folder: Path, split_folder: Path, shape: tuple[int, int, int], array_path: Path,
+                       index_path: Path, manifest_text: str) -> None:
+    """Decode every image of `split_folder` into `array_path` (uint8 .npy) and write its index."""
+    channels, height, width = shape
     class_names = sorted(entry.name for entry in split_folder.iterdir() if entry.is_dir())
     files_per_class = [sorted(p for p in (split_folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
                        for name in class_names]
@@ -129,25 +185,30 @@ def load_split(folder: Path, split: str, shape: tuple[int, int, int], in_memory:
     if counts.sum() == 0:
         raise DatasetError(f"split {split_folder} holds no images")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    cache_dir.mkdir(exist_ok=True)
-    temporary = array_path.with_name(f"{stem}.{os.getpid()}.tmp.npy")
-    images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8,
-                                       shape=(int(counts.sum()), height, width, channels))
-    position = 0
-    for files in files_per_class:
-        for path in files:
-            try:
-                images[position] = _decode(path, shape)
-            except OSError as error:
-                raise DatasetError(f"cannot read image {path}: {error}") from None
-            position += 1
-    images.flush()
-    del images
-    os.replace(temporary, array_path)
+    temporary = array_path.with_name(f"{array_path.stem}.{os.getpid()}.tmp.npy")
+    try:
+        images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8,
+                                           shape=(int(counts.sum()), height, width, channels))
+        position = 0
+        for files in files_per_class:
+            for path in files:
+                try:
+                    images[position] = _decode(path, shape)
+                except _DECODE_ERRORS as error:
+                    raise DatasetError(
+                        f"cannot read image {path}: {error}. Rebuild the dataset with: python "
+                        f"preprocess/preprocess.py --datasets {folder.name} --dest {folder.parent} --force") from None
+                position += 1
+        images.flush()
+        mean, std = channel_statistics(ImageSplit(images, class_names, starts, counts))
+        del images
+        os.replace(temporary, array_path)
+    finally:
+        temporary.unlink(missing_ok=True)
     index = {"version": CACHE_VERSION, "manifest": manifest_text, "class_names": class_names,
-             "class_starts": starts.tolist(), "class_counts": counts.tolist()}
-    index_path.write_text(json.dumps(index))
-    return ImageSplit(np.load(array_path, mmap_mode=None if in_memory else "r"), class_names, starts, counts)
+             "class_starts": starts.tolist(), "class_counts": counts.tolist(),
+             "statistics": [mean.tolist(), std.tolist()]}
+    atomic_write_text(index_path, json.dumps(index))
 
 
 class TaskSampler:
@@ -156,23 +217,27 @@ class TaskSampler:
     def __init__(self, split: ImageSplit, ways: int, shots: int, queries: int, mean: np.ndarray,
                  std: np.ndarray, rotate_classes: bool = False, split_name: str = "split"):
         self.split, self.ways, self.shots, self.queries = split, ways, shots, queries
-        self.mean = mean.astype(np.float32).reshape(1, 1, 1, -1)
-        self.std = std.astype(np.float32).reshape(1, 1, 1, -1)
+        self.mean = mean.astype(np.float32).reshape(1, -1, 1, 1)
+        self.std = std.astype(np.float32).reshape(1, -1, 1, 1)
         self.rotate_classes = rotate_classes
         needed = shots + queries
         self.eligible = np.flatnonzero(split.class_counts >= needed)
-        excluded = len(split.class_names) - len(self.eligible)
-        if excluded:
-            warnings.warn(f"{split_name}: {excluded} classes have fewer than {needed} images "
-                          f"({shots} support + {queries} query) and are never sampled")
+        too_small = [name for name, count in zip(split.class_names, split.class_counts) if count < needed]
+        if too_small:
+            listed = ", ".join(too_small[:5]) + (", ..." if len(too_small) > 5 else "")
+            warnings.warn(f"{split_name}: {len(too_small)} classes have fewer than {needed} images "
+                          f"({shots} support + {queries} query) and are never sampled: {listed}")
         if len(self.eligible) < ways:
             raise DatasetError(
                 f"{split_name}: only {len(self.eligible)} classes have at least {needed} images, "
                 f"fewer than the {ways} ways asked for; lower num_classes_per_set, "
                 f"num_samples_per_class or num_target_samples")
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One task as normalised float32 arrays [N*K, C, H, W], labels [N*K], and the same for queries."""
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One task's uint8 support [N*K, H, W, C] and query [N*Q, H, W, C] images, class by class.
+
+        Label n is the n-th class drawn; the class order is random, so labels are shuffled per task.
+        """
         classes = rng.choice(self.eligible, size=self.ways, replace=False)
         support, query = [], []
         for class_index in classes:
@@ -182,29 +247,59 @@ class TaskSampler:
                 images = np.rot90(images, k=int(rng.integers(4)), axes=(1, 2))
             support.append(images[:self.shots])
             query.append(images[self.shots:])
-        labels = np.arange(self.ways)  # the class order is random, so labels are shuffled per task
-        return (self._normalise(np.concatenate(support)), np.repeat(labels, self.shots),
-                self._normalise(np.concatenate(query)), np.repeat(labels, self.queries))
+        return np.concatenate(support), np.concatenate(query)
 
-    def _normalise(self, images: np.ndarray) -> np.ndarray:
-        floats = (images.astype(np.float32) / 255.0 - self.mean) / self.std
-        return np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
+    def _normalise(self, images: np.ndarray, out: np.ndarray) -> None:
+        """out [n, C, H, W] = (images / 255 - mean) / std in float32, in place: no temporary copies."""
+        np.divide(images.transpose(0, 3, 1, 2), np.float32(255.0), out=out, dtype=np.float32)
+        np.subtract(out, self.mean, out=out)
+        np.divide(out, self.std, out=out)
 
     def batch(self, rngs: list[np.random.Generator], pin_memory: bool = False) -> TaskBatch:
-        tasks = [self.sample(rng) for rng in rngs]
-        tensors = [torch.from_numpy(np.stack([task[part] for task in tasks])) for part in range(4)]
-        tensors[1], tensors[3] = tensors[1].long(), tensors[3].long()
+        """One task per generator, normalised straight into the (pinned, for CUDA) batch tensors."""
+        height, width, channels = self.split.images.shape[1:]
+        tasks = len(rngs)
+        support = torch.empty((tasks, self.ways * self.shots, channels, height, width), dtype=torch.float32,
+                              pin_memory=pin_memory)
+        query = torch.empty((tasks, self.ways * self.queries, channels, height, width), dtype=torch.float32,
+                            pin_memory=pin_memory)
+        support_out, query_out = support.numpy(), query.numpy()
+        for task, rng in enumerate(rngs):
+            support_images, query_images = self.draw(rng)
+            self._normalise(support_images, support_out[task])
+            self._normalise(query_images, query_out[task])
+        labels = np.arange(self.ways)
+        support_labels = torch.from_numpy(np.tile(np.repeat(labels, self.shots), (tasks, 1)))
+        query_labels = torch.from_numpy(np.tile(np.repeat(labels, self.queries), (tasks, 1)))
         if pin_memory:
-            tensors = [t.pin_memory() for t in tensors]
-        return TaskBatch(*tensors)
+            support_labels, query_labels = support_labels.pin_memory(), query_labels.pin_memory()
+        return TaskBatch(support, support_labels, query, query_labels)
 
 
-def channel_statistics(split: ImageSplit, max_images: int = 20000) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of a split in [0, 1], from an evenly spaced subset of its images."""
+def channel_statistics(split: ImageSplit, max_images: int = 20000,
+                       chunk_images: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of a split in [0, 1], from an evenly spaced subset of its images.
+
+    Summed exactly in integers, a chunk at a time: a float64 copy of mini-ImageNet's training split
+    would take 6 GB. The result is cached with the split, so a warm start does not recompute it.
+    """
+    if split.statistics is not None:
+        return split.statistics
     step = max(1, len(split.images) // max_images)
-    sample = np.asarray(split.images[::step], dtype=np.float64) / 255.0
-    mean = sample.mean(axis=(0, 1, 2))
-    std = np.maximum(sample.std(axis=(0, 1, 2)), 1e-3)
+    selected = range(0, len(split.images), step)
+    channels = split.images.shape[-1]
+    total = np.zeros(channels, dtype=np.int64)
+    squares = np.zeros(channels, dtype=np.int64)
+    for first in range(0, len(selected), chunk_images):
+        block = selected[first:first + chunk_images]
+        pixels = np.asarray(split.images[block.start:block.stop:step]).reshape(-1, channels)
+        total += pixels.sum(axis=0, dtype=np.int64)
+        squares += np.square(pixels, dtype=np.uint32).sum(axis=0, dtype=np.int64)
+    count = len(selected) * int(np.prod(split.images.shape[1:-1]))
+    # Variance n*sum(x^2) - sum(x)^2 over n^2 in Python's exact integers, then in [0, 1] units.
+    mean = np.array([int(t) / count / 255.0 for t in total])
+    variance = np.array([(count * int(q) - int(t) ** 2) / count ** 2 for t, q in zip(total, squares)]) / 255.0 ** 2
+    std = np.maximum(np.sqrt(variance), 1e-3)
     return mean.astype(np.float32), std.astype(np.float32)
 
 

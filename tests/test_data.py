@@ -1,0 +1,181 @@
+"""The task pipeline (data.py): the decode cache, task structure, seeded streams, normalisation, cross-domain."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import make_toy_dataset
+from data import DatasetError, FewShotDataProvider, ImageSplit, TaskSampler, load_split
+
+
+def batches_equal(first: list[data.TaskBatch], second: list[data.TaskBatch]) -> bool:
+    def joined(batches, part):
+        return torch.cat([getattr(batch, part) for batch in batches])
+    parts = ("support_images", "support_labels", "query_images", "query_labels")
+    return all(torch.equal(joined(first, part), joined(second, part)) for part in parts)
+
+
+def pixels_of(folder: Path, size: int, mode: str) -> np.ndarray:
+    """Every image of a class folder read straight with PIL, converted as the cache does."""
+    arrays = []
+    for path in sorted(folder.iterdir()):
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.LANCZOS)
+            arrays.append(np.asarray(image).reshape(size, size, -1))
+    return np.stack(arrays)
+
+
+# ------------------------------------------------------------------ the decode cache
+def test_split_is_decoded_once_into_a_cache_and_then_reused(tmp_path, monkeypatch):
+    folder = make_toy_dataset(tmp_path, classes=(3, 2, 2), per_class=4)
+    cache = folder / ".cache"
+    cache.mkdir()
+    (cache / "train_16x16x1.4242.tmp.npy").write_bytes(b"left by a killed decode")
+
+    split = load_split(folder, "train", (1, 16, 16))
+    assert sorted(path.name for path in cache.iterdir()) == ["train_16x16x1.json", "train_16x16x1.lock",
+                                                             "train_16x16x1.npy"]
+    assert split.images.dtype == np.uint8 and split.class_counts.tolist() == [4, 4, 4]
+    for index, name in enumerate(split.class_names):
+        np.testing.assert_array_equal(split.class_images(index), pixels_of(folder / "train" / name, 16, "L"))
+    raw = split.images / 255.0  # the statistics are computed once with the cache and kept in it
+    np.testing.assert_allclose(np.concatenate(split.statistics), [raw.mean(), raw.std()], rtol=1e-6)
+
+    decoded = []
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda path, shape: decoded.append(path) or real_decode(path, shape))
+    mapped = load_split(folder, "train", (1, 16, 16), in_memory=False)
+    assert decoded == [] and isinstance(mapped.images, np.memmap)  # load_into_memory false: memory-mapped
+    np.testing.assert_array_equal(mapped.images, split.images)
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "built_at": "later"}))  # a rebuilt dataset
+    load_split(folder, "train", (1, 16, 16))
+    assert len(decoded) == 12
+    array = cache / "train_16x16x1.npy"
+    array.write_bytes(array.read_bytes()[:200])  # a damaged cache is decoded again, not trusted
+    np.testing.assert_array_equal(load_split(folder, "train", (1, 16, 16)).images, split.images)
+    assert len(decoded) == 24
+
+
+def test_unreadable_image_is_named_and_leaves_no_cache(tmp_path):
+    folder = make_toy_dataset(tmp_path, classes=(3, 2, 2), per_class=4)
+    broken = folder / "val" / "val_class001" / "02.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    with pytest.raises(DatasetError, match="02.png") as error:
+        load_split(folder, "val", (1, 16, 16))
+    assert str(broken) in str(error.value)
+    assert f"preprocess/preprocess.py --datasets toy --dest {tmp_path} --force" in str(error.value)
+    assert [path.name for path in (folder / ".cache").iterdir()] == ["val_16x16x1.lock"]
+
+
+def test_cross_domain_split_is_converted_to_the_model_image_shape(tmp_path):
+    """A model trained on 16x16 grey images tests on a 20x20 RGB dataset: converted and resized once."""
+    folder = make_toy_dataset(tmp_path, name="other", classes=(2, 2, 3), per_class=3, size=20, channels=3)
+    as_trained = load_split(folder, "test", (1, 16, 16))
+    assert as_trained.images.shape == (9, 16, 16, 1)
+    for index, name in enumerate(as_trained.class_names):
+        np.testing.assert_array_equal(as_trained.class_images(index), pixels_of(folder / "test" / name, 16, "L"))
+    assert load_split(folder, "test", (3, 20, 20)).images.shape == (9, 20, 20, 3)  # its own size: its own cache
+    assert {"test_16x16x1.npy", "test_20x20x3.npy"} <= {path.name for path in (folder / ".cache").iterdir()}
+
+
+# ------------------------------------------------------------------ tasks
+def numbered_split(class_counts: list[int]) -> ImageSplit:
+    """A split of 1x1 grey images whose single pixel is the image's own number, so tasks can be traced back."""
+    counts = np.array(class_counts)
+    images = np.arange(counts.sum(), dtype=np.uint8).reshape(-1, 1, 1, 1)
+    return ImageSplit(images, [f"class{i}" for i in range(len(counts))],
+                      np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+
+
+def test_tasks_are_n_way_k_shot_with_labels_shuffled_per_task():
+    split = numbered_split([6] * 8)
+    sampler = TaskSampler(split, ways=5, shots=2, queries=3, mean=np.zeros(1), std=np.ones(1))
+    batch = sampler.batch([np.random.default_rng(seed) for seed in range(40)])
+    assert batch.support_images.shape == (40, 10, 1, 1, 1) and batch.query_images.shape == (40, 15, 1, 1, 1)
+    label_orders = set()
+    for task in range(40):
+        support = np.rint(batch.support_images[task].flatten().numpy() * 255).astype(int)
+        query = np.rint(batch.query_images[task].flatten().numpy() * 255).astype(int)
+        assert len(set(support) | set(query)) == 25  # no image twice in a task, support and query disjoint
+        classes = []
+        for label in range(5):
+            members = np.concatenate([support[batch.support_labels[task].numpy() == label],
+                                      query[batch.query_labels[task].numpy() == label]])
+            assert len(members) == 5 and len(set(members // 6)) == 1  # K + Q images of one class per label
+            classes.append(members[0] // 6)
+        assert len(set(classes)) == 5
+        label_orders.add(tuple(np.argsort(classes)))
+    assert len(label_orders) > 20  # labels are a fresh permutation of the classes in every task
+
+
+def test_too_small_classes_are_reported_and_never_sampled_or_refused():
+    split = numbered_split([7, 2, 7, 7, 3, 6, 6, 6])
+    with pytest.warns(UserWarning, match=r"train: 2 classes have fewer than 4 images .* class1, class4"):
+        sampler = TaskSampler(split, ways=5, shots=1, queries=3, mean=np.zeros(1), std=np.ones(1),
+                              split_name="train")
+    batch = sampler.batch([np.random.default_rng(seed) for seed in range(50)])
+    seen = np.rint(torch.cat([batch.support_images, batch.query_images], 1).flatten().numpy() * 255).astype(int)
+    assert not set(seen) & {7, 8, 23, 24, 25}  # the images of class1 and class4
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="only 3 classes .* fewer than the 5 ways"):
+        TaskSampler(split, ways=5, shots=1, queries=6, mean=np.zeros(1), std=np.ones(1), split_name="train")
+
+
+# ------------------------------------------------------------------ seeded streams
+def test_training_stream_resumes_exactly_whatever_the_workers(tiny_config):
+    straight = FewShotDataProvider(tiny_config(num_dataprovider_workers=0), splits=("train",))
+    resumed = FewShotDataProvider(tiny_config(num_dataprovider_workers=2, load_into_memory=False),
+                                  splits=("train",))
+    stream = list(straight.train_batches(0, 6))
+    assert batches_equal(list(resumed.train_batches(3, 3)), stream[3:])
+    assert batches_equal([resumed.train_batch(5)], [stream[5]])
+    assert not batches_equal(stream[:1], stream[1:2])  # every iteration draws new tasks
+    other_seed = FewShotDataProvider(tiny_config(train_seed=1), splits=("train",))
+    assert not batches_equal(list(other_seed.train_batches(0, 2)), stream[:2])
+
+
+def test_evaluation_tasks_are_fixed_across_calls_providers_and_batch_sizes(tiny_config):
+    provider = FewShotDataProvider(tiny_config(), splits=("val", "test"))
+    tasks = list(provider.evaluation_batches("val", 6, 4))
+    assert batches_equal(list(provider.evaluation_batches("val", 6, 4)), tasks)  # the next epoch
+    another = FewShotDataProvider(tiny_config(num_dataprovider_workers=2, load_into_memory=False))
+    list(another.train_batches(0, 3))  # training does not move the evaluation tasks
+    for batch_size in (1, 5, 6):
+        assert batches_equal(list(another.evaluation_batches("val", 6, batch_size)), tasks)
+    assert batches_equal(list(provider.evaluation_batches("val", 4, 3)), [tasks[0]])  # the first 4 of the same
+    assert not batches_equal(list(provider.evaluation_batches("test", 6, 4)), tasks)
+    other_seed = FewShotDataProvider(tiny_config(val_seed=1), splits=("val",))
+    assert not batches_equal(list(other_seed.evaluation_batches("val", 6, 4)), tasks)
+
+
+def test_normalisation_of_the_training_split_is_used_for_training_and_evaluation(tiny_config, toy_datasets):
+    """The toy images are black and white: undoing the normalisation with the right statistics gives 0 and 255."""
+    provider = FewShotDataProvider(tiny_config())
+    train = load_split(toy_datasets / "toy", "train", (1, 16, 16))
+    raw = np.asarray(train.images, dtype=np.float64) / 255.0
+    np.testing.assert_allclose(provider.mean, [raw.mean()], rtol=1e-6)
+    np.testing.assert_allclose(provider.std, [raw.std()], rtol=1e-6)
+
+    def pixel_values(batch, mean, std):
+        images = torch.cat([batch.support_images, batch.query_images], 1).numpy()
+        return set(np.unique(np.round((images * std + mean) * 255, 3)))
+
+    for batch in (provider.train_batch(0), next(provider.evaluation_batches("val", 4, 4)),
+                  next(provider.evaluation_batches("test", 4, 4))):
+        assert pixel_values(batch, provider.mean, provider.std) == {0.0, 255.0}
+    # The ensemble test passes the statistics the model was trained with, also to another dataset.
+    other = FewShotDataProvider(tiny_config(dataset_name="toy_other"), normalisation=(provider.mean, provider.std),
+                                splits=("test",))
+    batch = next(other.evaluation_batches("test", 2, 2))
+    assert pixel_values(batch, provider.mean, provider.std) == {0.0, 255.0}
+    other_mean, other_std = data.channel_statistics(load_split(toy_datasets / "toy_other", "train", (1, 16, 16)))
+    assert pixel_values(batch, other_mean, other_std) != {0.0, 255.0}
