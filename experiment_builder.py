@@ -77,8 +77,6 @@ class ExperimentBuilder:
         self.models_folder = self.folder / "saved_models"
         self.logs_folder = self.folder / "logs"
         torch.manual_seed(config.seed)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         self.model = MAMLFewShotClassifier(config, self.device)
         self.state: dict[str, Any] = fresh_state()
         self.stop = StopRequest()  # installed around training by run_experiment

@@ -140,6 +140,8 @@ class MAMLFewShotClassifier(nn.Module):
         """GPU options; none of them changes what is computed, only how (and bf16 how precisely)."""
         if config.channels_last:
             self.classifier.memory_format = torch.channels_last
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
         self.use_bf16 = config.mixed_precision and device.type == "cuda"
         if config.mixed_precision and not self.use_bf16:
             warnings.warn("mixed_precision applies to CUDA only; this run computes in float32 on the "

@@ -37,6 +37,8 @@ CONFIGS = {
 VARIANTS = {
     "loop": {"task_batching": "loop"},
     "batched": {"task_batching": "batched"},
+    "batched_channels_last": {"task_batching": "batched", "channels_last": True},
+    "batched_bf16": {"task_batching": "batched", "mixed_precision": True},
     "batched_bf16_channels_last": {"task_batching": "batched", "mixed_precision": True, "channels_last": True},
 }
 CPU_VARIANTS = ("loop", "batched")
