@@ -6,6 +6,8 @@ Folder layout of an experiment (MAML++'s):
     EXPERIMENT/saved_models/train_model_latest      everything needed to resume exactly
     EXPERIMENT/logs/summary_statistics.csv          one row per epoch
     EXPERIMENT/test_summary.{json,csv}              the ensemble test (test_summary_{DATASET} cross-domain)
+
+Under torchrun the ranks split the tasks and only rank 0 writes these files (utils/distributed.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
 from utils.config import ConfigError, ExperimentConfig, save_config
+from utils.distributed import DistributedContext
 from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint, saved_epochs,
                            write_csv, write_json)
 
@@ -51,9 +54,10 @@ def mean_and_confidence(values: np.ndarray) -> tuple[float, float]:
 
 
 class ExperimentBuilder:
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, distributed: Optional[DistributedContext] = None):
         self.config = config
-        self.device = select_device(config.device)
+        self.distributed = distributed or DistributedContext(device=select_device(config.device))
+        self.device = self.distributed.device
         self.folder = config.experiment_folder
         self.models_folder = self.folder / "saved_models"
         self.logs_folder = self.folder / "logs"
@@ -61,6 +65,8 @@ class ExperimentBuilder:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.model = MAMLFewShotClassifier(config, self.device)
+        self.model.gradient_reducer = self.distributed.average_gradients
+        self.distributed.broadcast_parameters(self.model)
         # What, besides the tensors, must survive a restart.
         self.state: dict[str, Any] = {"next_epoch": 0, "epoch_rows": [], "normalisation": None}
 
@@ -72,7 +78,8 @@ class ExperimentBuilder:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"format": CHECKPOINT_FORMAT, "network": self.model.state_dict(),
                 "optimizer": self.model.optimizer.state_dict(), "scheduler": self.model.scheduler.state_dict(),
-                "rng": rng, "experiment": self.state, "config": self.config.to_dict()}
+                "rng": rng, "experiment": self.state, "config": self.config.to_dict(),
+                "world_size": self.distributed.world_size}
 
     def _check_compatible(self, saved_config: dict[str, Any], path: Path) -> None:
         differing = [f"{key} (checkpoint: {saved_config.get(key)!r}, now: {getattr(self.config, key)!r})"
@@ -113,10 +120,25 @@ class ExperimentBuilder:
             return  # nothing to resume: a new experiment
         if not path.exists():
             raise CheckpointError(f"no checkpoint {path}; saved epochs: {saved_epochs(self.models_folder)}")
-        self._load(path, restore_training=True)
-        print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}")
+        checkpoint = self._load(path, restore_training=True)
+        if self.distributed.is_main:
+            print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}")
+            self._note_meta_batch_change(checkpoint)
+
+    def _note_meta_batch_change(self, checkpoint: dict[str, Any]) -> None:
+        """batch_size counts tasks per rank: resuming on another number of ranks may change the meta-batch."""
+        saved_ranks = checkpoint.get("world_size", 1)
+        saved = checkpoint["config"]["batch_size"] * saved_ranks
+        ranks = self.distributed.world_size
+        if saved != self.config.batch_size * ranks:
+            advice = (f"; --batch_size {saved // ranks} continues it unchanged" if saved % ranks == 0 else "")
+            print(f"Note: the checkpoint was trained with {saved_ranks} rank(s) x {saved // saved_ranks} tasks = "
+                  f"{saved} tasks per meta-batch; this run uses {ranks} rank(s) x {self.config.batch_size} = "
+                  f"{self.config.batch_size * ranks}{advice}")
 
     def _save_epoch(self, epoch: int) -> None:
+        if not self.distributed.is_main:  # the others wait at the barrier that ends the epoch
+            return
         state = self._checkpoint_state()
         save_checkpoint(checkpoint_path(self.models_folder, epoch), state)
         save_checkpoint(checkpoint_path(self.models_folder, "latest"), state)
@@ -133,27 +155,35 @@ class ExperimentBuilder:
     # ------------------------------------------------------------------ training
     def evaluate(self, provider: FewShotDataProvider, split: str) -> dict[str, np.ndarray]:
         batch_size = self.config.evaluation_batch_size or self.config.batch_size
+        # Each rank computes whole batches of a single process's run, so the gathered results equal its.
+        tasks = self.distributed.evaluation_shard(self.config.num_evaluation_tasks, batch_size)
         parts = [self.model.run_validation_iter(batch) for batch in
-                 provider.evaluation_batches(split, self.config.num_evaluation_tasks, batch_size)]
-        return {key: torch.cat([part[key] for part in parts]).numpy() for key in parts[0]}
+                 provider.evaluation_batches(split, tasks.stop, batch_size, first_task=tasks.start)]
+        local = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else None
+        shards = [shard for shard in self.distributed.gather(local) if shard is not None]
+        return {key: torch.cat([shard[key] for shard in shards]).numpy() for key in shards[0]}
 
     def train(self) -> bool:
         """Train up to `total_epochs`; False when `total_epochs_before_pause` stopped it earlier."""
         config = self.config
-        provider = FewShotDataProvider(config, splits=("train", "val"))
+        with self.distributed.main_first():  # one process decodes the dataset into its cache
+            provider = FewShotDataProvider(config, splits=("train", "val"),
+                                           first_train_task=self.distributed.rank * config.batch_size)
         if self.state["normalisation"] is None:
             self.state["normalisation"] = [provider.mean.tolist(), provider.std.tolist()]
         epochs_run = 0
         while self.state["next_epoch"] < config.total_epochs:
             if epochs_run == config.total_epochs_before_pause:
-                print(f"Paused after {epochs_run} epochs (total_epochs_before_pause); resume with "
-                      f"--continue_from_epoch latest")
+                if self.distributed.is_main:
+                    print(f"Paused after {epochs_run} epochs (total_epochs_before_pause); resume with "
+                          f"--continue_from_epoch latest")
                 return False
             epoch = self.state["next_epoch"]
             started = time.time()
             losses, accuracies = [], []
             first_iteration = epoch * config.total_iter_per_epoch
-            with tqdm(total=config.total_iter_per_epoch, disable=not config.show_progress,
+            show_progress = config.show_progress and self.distributed.is_main
+            with tqdm(total=config.total_iter_per_epoch, disable=not show_progress,
                       desc=f"epoch {epoch}", leave=False) as bar:
                 for batch in provider.train_batches(first_iteration, config.total_iter_per_epoch):
                     metrics = self.model.run_train_iter(batch, epoch)
@@ -161,6 +191,8 @@ class ExperimentBuilder:
                     accuracies.append(metrics["accuracy"])
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
+            # Per iteration, the mean over the ranks is the mean over the whole meta-batch.
+            losses, accuracies = self.distributed.average_over_ranks(np.array([losses, accuracies]))
             validation = self.evaluate(provider, "val")
             learning_rate = self.model.optimizer.param_groups[0]["lr"]
             self.model.scheduler.step()
@@ -175,10 +207,13 @@ class ExperimentBuilder:
             self.state["epoch_rows"].append(row)
             self.state["next_epoch"] = epoch + 1
             self._save_epoch(epoch)
-            write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
-            print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} acc {row['train_accuracy_mean']:.4f} | "
-                  f"val loss {row['val_loss_mean']:.4f} acc {row['val_accuracy_mean']:.4f} | "
-                  f"{row['epoch_time_s']:.1f}s", flush=True)
+            if self.distributed.is_main:
+                write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+                print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} "
+                      f"acc {row['train_accuracy_mean']:.4f} | val loss {row['val_loss_mean']:.4f} "
+                      f"acc {row['val_accuracy_mean']:.4f} | "
+                      f"{row['epoch_time_s']:.1f}s", flush=True)
+            self.distributed.barrier()  # the epoch's files are on disk for every rank
             epochs_run += 1
         return True
 
@@ -197,8 +232,9 @@ class ExperimentBuilder:
         test_name = config.test_dataset or config.dataset_name
         folder = (config.dataset_folder.parent / test_name) if config.test_dataset else None
         mean, std = (np.asarray(v, dtype=np.float32) for v in self.state["normalisation"])
-        provider = FewShotDataProvider(config, dataset_folder=folder, dataset_name=test_name,
-                                       normalisation=(mean, std), splits=("test",))
+        with self.distributed.main_first():
+            provider = FewShotDataProvider(config, dataset_folder=folder, dataset_name=test_name,
+                                           normalisation=(mean, std), splits=("test",))
         labels = torch.cat([batch.query_labels for batch in provider.evaluation_batches(
             "test", config.num_evaluation_tasks, config.evaluation_batch_size or config.batch_size)]).numpy()
         val_accuracy = {row["epoch"]: row["val_accuracy_mean"] for row in self.state["epoch_rows"]}
@@ -221,6 +257,8 @@ class ExperimentBuilder:
                    "best_single_model_test_accuracy": best_single["test_accuracy"],
                    "best_single_model_test_confidence_95": best_single["test_confidence_95"],
                    "models": per_model}
+        if not self.distributed.is_main:
+            return summary
         stem = f"test_summary_{test_name}" if config.test_dataset else "test_summary"
         write_json(self.folder / f"{stem}.json", summary)
         write_csv(self.folder / f"{stem}.csv", [{k: v for k, v in summary.items() if k != "models"}])
@@ -235,7 +273,9 @@ class ExperimentBuilder:
         if self.config.evaluate_on_test_set_only:
             return self.run_ensemble_test()
         self._resume()
-        save_config(self.config, self.folder / "config.yaml")
+        if self.distributed.is_main:
+            save_config(self.config, self.folder / "config.yaml")
+        self.distributed.barrier()  # every rank has read the checkpoints before any is rewritten
         if self.train():
             return self.run_ensemble_test()
         return None

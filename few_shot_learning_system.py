@@ -11,7 +11,7 @@ The method is specified in CXGRAD.md (shared docs); comments cite its steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -93,6 +93,10 @@ class InnerLoopResult:
     support_losses: Tensor  # [steps, T], detached
 
 
+def keep_local_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """The gradient reducer of a single process: its gradients already are the meta-gradient."""
+
+
 class MAMLFewShotClassifier(nn.Module):
     """Backbone, inner-loop rule, optional CxGrad scaling, and the outer Adam optimiser."""
 
@@ -126,6 +130,9 @@ class MAMLFewShotClassifier(nn.Module):
             weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.total_epochs, eta_min=config.min_learning_rate)
+        # Called on the parameters between backward and the optimizer step; under torchrun the
+        # experiment builder sets it to average the meta-gradients over the ranks (utils/distributed.py).
+        self.gradient_reducer: Callable[[Iterable[nn.Parameter]], None] = keep_local_gradients
 
     # ------------------------------------------------------------------ the inner loop
     def inner_loop(self, task: TaskBatch, num_steps: int, second_order: bool, query_step_weights: np.ndarray,
@@ -225,6 +232,7 @@ class MAMLFewShotClassifier(nn.Module):
             (result.query_loss.sum() / task.num_tasks).backward()
             losses.append(result.query_loss.detach())
             correct.append((result.query_logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
+        self.gradient_reducer(self.parameters())
         self.optimizer.step()
         return {"loss": torch.cat(losses).mean().item(), "accuracy": torch.cat(correct).mean().item()}
 
