@@ -308,12 +308,15 @@ class FewShotDataProvider:
 
     `normalisation` (mean, std) defaults to the statistics of the training split; a checkpointed
     model keeps the statistics it was trained with, also when it is tested on another dataset.
+    `first_train_task` is the index of this process's first task in every meta-batch: rank r of a
+    distributed run draws the global tasks r*B..r*B+B-1 (utils/distributed.py).
     """
 
     def __init__(self, config, dataset_folder: Optional[Path] = None, dataset_name: Optional[str] = None,
                  normalisation: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                 splits: tuple[str, ...] = ("train", "val", "test")):
+                 splits: tuple[str, ...] = ("train", "val", "test"), first_train_task: int = 0):
         self.config = config
+        self.first_train_task = first_train_task
         self.folder = Path(dataset_folder or config.dataset_folder)
         self.name = dataset_name or config.dataset_name
         self.manifest = require_dataset(self.folder, self.name)
@@ -336,7 +339,7 @@ class FewShotDataProvider:
 
     def train_batch(self, iteration: int) -> TaskBatch:
         rngs = [np.random.default_rng([self.config.train_seed, 0, iteration, task])
-                for task in range(self.config.batch_size)]
+                for task in range(self.first_train_task, self.first_train_task + self.config.batch_size)]
         return self.samplers["train"].batch(rngs, self.pin_memory)
 
     def train_batches(self, start_iteration: int, count: int) -> Iterator[TaskBatch]:
@@ -356,11 +359,12 @@ class FewShotDataProvider:
                 next_iteration += 1
             yield batch
 
-    def evaluation_batches(self, split: str, num_tasks: int, batch_size: int) -> Iterator[TaskBatch]:
-        """The fixed tasks 0..num_tasks-1 of `split`, in batches."""
+    def evaluation_batches(self, split: str, num_tasks: int, batch_size: int,
+                           first_task: int = 0) -> Iterator[TaskBatch]:
+        """The fixed tasks first_task..num_tasks-1 of `split`, in batches."""
         sampler = self.samplers[split]
         code = SPLIT_CODES[split]
-        for first in range(0, num_tasks, batch_size):
+        for first in range(first_task, num_tasks, batch_size):
             rngs = [np.random.default_rng([self.config.val_seed, code, task])
                     for task in range(first, min(first + batch_size, num_tasks))]
             yield sampler.batch(rngs, self.pin_memory)

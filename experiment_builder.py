@@ -7,6 +7,8 @@ Folder layout of an experiment (MAML++'s):
     EXPERIMENT/logs/summary_statistics.csv          one row per epoch
     EXPERIMENT/logs/inner_loop_statistics.csv       per epoch and inner step (log_inner_loop_statistics)
     EXPERIMENT/test_summary.{json,csv}              the ensemble test (test_summary_{DATASET} cross-domain)
+
+Under torchrun the ranks split the tasks and only rank 0 writes these files (utils/distributed.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
 from utils.config import ConfigError, ExperimentConfig, save_config
+from utils.distributed import DistributedContext
 from utils.inner_loop_statistics import STATISTICS_FILE, InnerLoopStatisticsLog
 from utils.interrupt import StopRequest, TrainingInterrupted
 from utils.nonfinite import count_skipped
@@ -70,14 +73,17 @@ def mean_and_confidence(values: np.ndarray) -> tuple[float, float]:
 
 
 class ExperimentBuilder:
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, distributed: Optional[DistributedContext] = None):
         self.config = config
-        self.device = select_device(config.device)
+        self.distributed = distributed or DistributedContext(device=select_device(config.device))
+        self.device = self.distributed.device
         self.folder = config.experiment_folder
         self.models_folder = self.folder / "saved_models"
         self.logs_folder = self.folder / "logs"
         torch.manual_seed(config.seed)
         self.model = MAMLFewShotClassifier(config, self.device)
+        self.model.gradient_reducer = self.distributed.average_gradients
+        self.distributed.broadcast_parameters(self.model)
         self.state: dict[str, Any] = fresh_state()
         self.stop = StopRequest()  # installed around training by run_experiment
 
@@ -89,7 +95,8 @@ class ExperimentBuilder:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"format": CHECKPOINT_FORMAT, "network": self.model.state_dict(),
                 "optimizer": self.model.optimizer.state_dict(), "scheduler": self.model.scheduler.state_dict(),
-                "rng": rng, "experiment": self.state, "config": self.config.to_dict()}
+                "rng": rng, "experiment": self.state, "config": self.config.to_dict(),
+                "world_size": self.distributed.world_size}
 
     def _check_compatible(self, saved_config: dict[str, Any], path: Path) -> None:
         differing = [f"{key} (checkpoint: {saved_config.get(key)!r}, now: {getattr(self.config, key)!r})"
@@ -164,12 +171,27 @@ class ExperimentBuilder:
             path = checkpoint_path(self.models_folder, choice)
             if not path.exists():
                 raise CheckpointError(f"no checkpoint {path}; saved epochs: {saved_epochs(self.models_folder)}")
-            self._load(path, restore_training=True)
-        done = self.state["epoch_progress"]["iterations"]
-        print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}"
-              + (f", iteration {done} of {self.config.total_iter_per_epoch}" if done else ""))
+            checkpoint = self._load(path, restore_training=True)
+        if self.distributed.is_main:
+            done = self.state["epoch_progress"]["iterations"]
+            print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}"
+                  + (f", iteration {done} of {self.config.total_iter_per_epoch}" if done else ""))
+            self._note_meta_batch_change(checkpoint)
+
+    def _note_meta_batch_change(self, checkpoint: dict[str, Any]) -> None:
+        """batch_size counts tasks per rank: resuming on another number of ranks may change the meta-batch."""
+        saved_ranks = checkpoint.get("world_size", 1)
+        saved = checkpoint["config"]["batch_size"] * saved_ranks
+        ranks = self.distributed.world_size
+        if saved != self.config.batch_size * ranks:
+            advice = (f"; --batch_size {saved // ranks} continues it unchanged" if saved % ranks == 0 else "")
+            print(f"Note: the checkpoint was trained with {saved_ranks} rank(s) x {saved // saved_ranks} tasks = "
+                  f"{saved} tasks per meta-batch; this run uses {ranks} rank(s) x {self.config.batch_size} = "
+                  f"{self.config.batch_size * ranks}{advice}")
 
     def _save_epoch(self, epoch: int) -> None:
+        if not self.distributed.is_main:  # the others wait at the barrier that ends the epoch
+            return
         state = self._checkpoint_state()
         save_checkpoint(checkpoint_path(self.models_folder, epoch), state)
         save_checkpoint(checkpoint_path(self.models_folder, "latest"), state)
@@ -186,15 +208,19 @@ class ExperimentBuilder:
     # ------------------------------------------------------------------ training
     def evaluate(self, provider: FewShotDataProvider, split: str) -> dict[str, np.ndarray]:
         batch_size = self.config.evaluation_batch_size or self.config.batch_size
+        # Each rank computes whole batches of a single process's run, so the gathered results equal its.
+        tasks = self.distributed.evaluation_shard(self.config.num_evaluation_tasks, batch_size)
         parts = [self.model.run_validation_iter(batch) for batch in
-                 provider.evaluation_batches(split, self.config.num_evaluation_tasks, batch_size)]
-        return {key: torch.cat([part[key] for part in parts]).numpy() for key in parts[0]}
+                 provider.evaluation_batches(split, tasks.stop, batch_size, first_task=tasks.start)]
+        local = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else None
+        shards = [shard for shard in self.distributed.gather(local) if shard is not None]
+        return {key: torch.cat([shard[key] for shard in shards]).numpy() for key in shards[0]}
 
     def train(self) -> bool:
         """Train up to `total_epochs`; False when `total_epochs_before_pause` stopped it earlier."""
         first_epoch = self.state["next_epoch"]
         tensorboard = (TensorBoardLog(self.logs_folder / "tensorboard", first_epoch)
-                       if self.config.use_tensorboard else None)
+                       if self.config.use_tensorboard and self.distributed.is_main else None)
         try:
             return self._train_epochs(tensorboard)
         finally:
@@ -204,16 +230,20 @@ class ExperimentBuilder:
     def _train_epochs(self, tensorboard: Optional[TensorBoardLog]) -> bool:
         config = self.config
         # Statistics of an epoch interrupted by a signal cover the iterations run after the resume.
+        # Under torchrun they are rank 0's share of the tasks.
         inner_loop_log = (InnerLoopStatisticsLog(self.logs_folder / STATISTICS_FILE, self.state["next_epoch"])
-                          if config.log_inner_loop_statistics else None)
-        provider = FewShotDataProvider(config, splits=("train", "val"))
+                          if config.log_inner_loop_statistics and self.distributed.is_main else None)
+        with self.distributed.main_first():  # one process decodes the dataset into its cache
+            provider = FewShotDataProvider(config, splits=("train", "val"),
+                                           first_train_task=self.distributed.rank * config.batch_size)
         if self.state["normalisation"] is None:
             self.state["normalisation"] = [provider.mean.tolist(), provider.std.tolist()]
         epochs_run = 0
         while self.state["next_epoch"] < config.total_epochs:
             if epochs_run == config.total_epochs_before_pause:
-                print(f"Paused after {epochs_run} epochs (total_epochs_before_pause); resume with "
-                      f"--continue_from_epoch latest")
+                if self.distributed.is_main:
+                    print(f"Paused after {epochs_run} epochs (total_epochs_before_pause); resume with "
+                          f"--continue_from_epoch latest")
                 return False
             epoch = self.state["next_epoch"]
             # A run stopped by a signal mid-epoch continues this epoch where it stopped.
@@ -221,11 +251,12 @@ class ExperimentBuilder:
             started = time.time() - progress["seconds"]
             losses, accuracies = progress["losses"], progress["accuracies"]
             first_iteration = epoch * config.total_iter_per_epoch + progress["iterations"]
-            if epochs_run == 0:
+            if epochs_run == 0 and self.distributed.is_main:
                 print(f"Training from epoch {epoch}, iteration {progress['iterations']}; Ctrl-C or SIGTERM "
                       f"saves a resumable checkpoint after the current iteration", flush=True)
+            show_progress = config.show_progress and self.distributed.is_main
             with tqdm(total=config.total_iter_per_epoch, initial=progress["iterations"],
-                      disable=not config.show_progress, desc=f"epoch {epoch}", leave=False) as bar:
+                      disable=not show_progress, desc=f"epoch {epoch}", leave=False) as bar:
                 for iteration, batch in enumerate(provider.train_batches(
                         first_iteration, config.total_iter_per_epoch - progress["iterations"]), first_iteration):
                     metrics = self.model.run_train_iter(batch, epoch)
@@ -238,9 +269,12 @@ class ExperimentBuilder:
                     progress["iterations"] += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
-                    if self.stop.requested:
+                    # Every rank stops after the same iteration, whichever received the signal.
+                    if self.distributed.any_rank(self.stop.requested):
                         progress["seconds"] = time.time() - started
                         self._stop_mid_epoch(iteration, epoch)
+            # Per iteration, the mean over the ranks is the mean over the whole meta-batch.
+            losses, accuracies = self.distributed.average_over_ranks(np.array([losses, accuracies]))
             validation = self.evaluate(provider, "val")
             learning_rate = self.model.optimizer.param_groups[0]["lr"]
             self.model.scheduler.step()
@@ -257,17 +291,20 @@ class ExperimentBuilder:
             self.state["next_epoch"] = epoch + 1
             self.state["epoch_progress"] = fresh_epoch_progress()
             self._save_epoch(epoch)
-            write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+            if self.distributed.is_main:
+                write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+                print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} "
+                      f"acc {row['train_accuracy_mean']:.4f} | val loss {row['val_loss_mean']:.4f} "
+                      f"acc {row['val_accuracy_mean']:.4f} | "
+                      f"{row['epoch_time_s']:.1f}s", flush=True)
             inner_loop_rows = []
             if inner_loop_log is not None:
                 inner_loop_rows = inner_loop_log.end_epoch(epoch, self.model.query_step_weights(epoch))
             if tensorboard is not None:
                 tensorboard.log_epoch(row, inner_loop_rows)
-            print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} acc {row['train_accuracy_mean']:.4f} | "
-                  f"val loss {row['val_loss_mean']:.4f} acc {row['val_accuracy_mean']:.4f} | "
-                  f"{row['epoch_time_s']:.1f}s", flush=True)
+            self.distributed.barrier()  # the epoch's files are on disk for every rank
             epochs_run += 1
-            if self.stop.requested:  # the signal came during validation: the epoch is saved, stop now
+            if self.distributed.any_rank(self.stop.requested):  # the signal came during validation: stop now
                 raise TrainingInterrupted(
                     f"stopped by {self.stop.signal_name} after epoch {epoch}; its checkpoint is saved in "
                     f"{self.models_folder}. Resume: rerun the same command with --continue_from_epoch latest")
@@ -288,8 +325,15 @@ class ExperimentBuilder:
     def _stop_mid_epoch(self, iteration: int, epoch: int) -> None:
         """Save where this epoch stands (only `train_model_latest`: epoch checkpoints stay whole epochs)."""
         path = checkpoint_path(self.models_folder, "latest")
-        save_checkpoint(path, self._checkpoint_state())
-        done = self.state["epoch_progress"]["iterations"]
+        progress = self.state["epoch_progress"]
+        # The checkpoint carries the mean over the ranks of each iteration's metrics, as an epoch's row does.
+        progress["losses"], progress["accuracies"] = (
+            values.tolist() for values in self.distributed.average_over_ranks(
+                np.array([progress["losses"], progress["accuracies"]])))
+        if self.distributed.is_main:
+            save_checkpoint(path, self._checkpoint_state())
+        self.distributed.barrier()
+        done = progress["iterations"]
         raise TrainingInterrupted(
             f"stopped by {self.stop.signal_name} after meta-iteration {iteration} (epoch {epoch}, {done} of "
             f"{self.config.total_iter_per_epoch} iterations); saved {path}. Resume: rerun the same command with "
@@ -310,8 +354,9 @@ class ExperimentBuilder:
         test_name = config.test_dataset or config.dataset_name
         folder = (config.dataset_folder.parent / test_name) if config.test_dataset else None
         mean, std = (np.asarray(v, dtype=np.float32) for v in self.state["normalisation"])
-        provider = FewShotDataProvider(config, dataset_folder=folder, dataset_name=test_name,
-                                       normalisation=(mean, std), splits=("test",))
+        with self.distributed.main_first():
+            provider = FewShotDataProvider(config, dataset_folder=folder, dataset_name=test_name,
+                                           normalisation=(mean, std), splits=("test",))
         labels = torch.cat([batch.query_labels for batch in provider.evaluation_batches(
             "test", config.num_evaluation_tasks, config.evaluation_batch_size or config.batch_size)]).numpy()
         val_accuracy = {row["epoch"]: row["val_accuracy_mean"] for row in self.state["epoch_rows"]}
@@ -334,6 +379,8 @@ class ExperimentBuilder:
                    "best_single_model_test_accuracy": best_single["test_accuracy"],
                    "best_single_model_test_confidence_95": best_single["test_confidence_95"],
                    "models": per_model}
+        if not self.distributed.is_main:
+            return summary
         stem = f"test_summary_{test_name}" if config.test_dataset else "test_summary"
         write_json(self.folder / f"{stem}.json", summary)
         write_csv(self.folder / f"{stem}.csv", [{k: v for k, v in summary.items() if k != "models"}])
@@ -349,9 +396,12 @@ class ExperimentBuilder:
         if self.config.evaluate_on_test_set_only:
             return self.run_ensemble_test()
         # A full disk or an unwritable folder fails now too (the best epochs, latest, one being written).
-        probe_writable(self.folder, self._checkpoint_bytes() * (self.config.max_models_to_save + 2))
+        if self.distributed.is_main:  # the only rank that writes
+            probe_writable(self.folder, self._checkpoint_bytes() * (self.config.max_models_to_save + 2))
         self._resume()
-        save_config(self.config, self.folder / "config.yaml")
+        if self.distributed.is_main:
+            save_config(self.config, self.folder / "config.yaml")
+        self.distributed.barrier()  # every rank has read the checkpoints before any is rewritten
         with self.stop:  # SIGINT/SIGTERM: finish the iteration, save, raise TrainingInterrupted
             finished = self.train()
         if finished:

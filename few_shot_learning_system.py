@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDesce
 from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
 from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
 from utils.config import ExperimentConfig
-from utils.nonfinite import finiteness_probe
+from utils.nonfinite import finiteness_probe, poison_gradients_if_nonfinite
 
 # torch.compile's backend for `compile_backbone` (tests swap in a cheaper one).
 COMPILE_BACKEND = "inductor"
@@ -101,6 +101,10 @@ class InnerLoopResult:
     statistics: Optional[InnerLoopStatistics] = None  # with log_inner_loop_statistics, in training
 
 
+def keep_local_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """The gradient reducer of a single process: its gradients already are the meta-gradient."""
+
+
 class MAMLFewShotClassifier(nn.Module):
     """Backbone, inner-loop rule, optional CxGrad scaling, and the outer Adam optimiser."""
 
@@ -135,6 +139,9 @@ class MAMLFewShotClassifier(nn.Module):
             weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.total_epochs, eta_min=config.min_learning_rate)
+        # Called on the parameters between backward and the optimizer step; under torchrun the
+        # experiment builder sets it to average the meta-gradients over the ranks (utils/distributed.py).
+        self.gradient_reducer: Callable[[Iterable[nn.Parameter]], None] = keep_local_gradients
 
     def _configure_speed(self, config: ExperimentConfig, device: torch.device) -> None:
         """GPU options; none of them changes what is computed, only how (and bf16 how precisely)."""
@@ -279,10 +286,14 @@ class MAMLFewShotClassifier(nn.Module):
             if result.statistics is not None:
                 statistics.append(result.statistics)
         all_losses = torch.cat(losses)
-        # One host sync per iteration reads the metrics and whether the update is finite: one NaN/inf
-        # step would make every weight and Adam moment NaN for good, so it is skipped (utils/nonfinite.py).
-        loss, accuracy, probe = torch.stack([
-            all_losses.mean(), torch.cat(correct).mean(), finiteness_probe(all_losses, self.parameters())]).tolist()
+        # A non-finite loss poisons the gradients, so the reduced gradients alone tell every rank alike
+        # whether this update is finite; one NaN/inf step would make every weight and Adam moment NaN for
+        # good, so such an update is skipped (utils/nonfinite.py).
+        poison_gradients_if_nonfinite(all_losses, self.parameters())
+        self.gradient_reducer(self.parameters())
+        # One host sync per iteration reads the metrics and the finiteness probe.
+        probe = finiteness_probe(self.parameters()).to(all_losses.device)
+        loss, accuracy, probe = torch.stack([all_losses.mean(), torch.cat(correct).mean(), probe]).tolist()
         skipped = not math.isfinite(probe)
         if not skipped:
             self.optimizer.step()

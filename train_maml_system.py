@@ -2,6 +2,7 @@
 
     python train_maml_system.py --name_of_args_json_file experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml
     python train_maml_system.py --name_of_args_json_file CONFIG --evaluate_on_test_set_only true [--test_dataset CUB]
+    torchrun --nproc_per_node=N train_maml_system.py --name_of_args_json_file CONFIG   (N GPUs, batch_size per GPU)
 
 Any config key can be overridden: --batch_size 2 --total_epochs 10 --device cpu.
 Exit status: 0 done, 2 an error (printed as "error: ..."), 75 stopped by SIGINT/SIGTERM after saving a
@@ -9,26 +10,36 @@ resumable checkpoint (rerun with --continue_from_epoch latest).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from data import DatasetError
-from experiment_builder import ExperimentBuilder
+from experiment_builder import ExperimentBuilder, select_device
+from utils import distributed
 from utils.config import ConfigError, parse_command_line
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
-from utils.storage import CheckpointError, StorageError
+from utils.storage import CheckpointError, StorageError, checkpoint_path
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefix = f"rank {os.environ['RANK']}: " if distributed.launched_by_torchrun() else ""
     try:
         config = parse_command_line(argv)
-        ExperimentBuilder(config).run_experiment()
+        with distributed.session(select_device(config.device), config.distributed_timeout_s) as context:
+            ExperimentBuilder(config, context).run_experiment()
     except (ConfigError, DatasetError, CheckpointError, StorageError, TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {prefix}{error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
-        print(stop, file=sys.stderr, flush=True)
+        print(f"{prefix}{stop}", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
+    except distributed.DistributedError as error:
+        latest = checkpoint_path(config.experiment_folder / "saved_models", "latest")
+        print(f"error: {error}.\nAnother rank has probably died or hangs: see its messages. Checkpoints are "
+              f"written atomically, so the last one ({latest}) is intact: rerun the command with "
+              f"--continue_from_epoch latest (the default) to resume, on any number of ranks.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,7 +6,7 @@
 #      table and the MAML-vs-CxGrad gradient-norm plot;
 #   3. plain `python train_maml_system.py` vs `torchrun --nproc_per_node=1` on a short run.
 # Usage: OMNIGLOT_ZIPS=DIR bash benchmarks/gpu_checks.sh OUT_DIR
-# A quick dry run of the script on a CPU machine:
+# SKIP_BENCH=1 / SKIP_TRAINING=1 leave out part 1 / part 2. A quick dry run of the script on a CPU machine:
 #   DEVICE=cpu SKIP_BENCH=1 EXTRA_ARGS="--total_epochs 1 --total_iter_per_epoch 3 --num_evaluation_tasks 16" \
 #   OMNIGLOT_ZIPS=../shared/data/omniglot bash benchmarks/gpu_checks.sh /tmp/gpu_dry_run
 set -u
@@ -35,6 +35,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     timeout 240 "$python" benchmarks/bench_iteration.py --devices cuda --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
 fi
 
+if [ -z "${SKIP_TRAINING:-}" ]; then
 say "Omniglot CPU-budget configs on the GPU (three runs at once)"
 config_dir=experiment_config/omniglot_5way_1shot
 train() {  # name config mixed_precision
@@ -52,6 +53,7 @@ grep -h "^epoch" "$out"/omniglot_*.log >> "$out/epochs.txt"
 "$python" utils/summarize_results.py "$experiments" --out "$out" 2>&1 | tee -a "$summary"
 "$python" utils/plot_experiment.py "$experiments/omniglot_CxGrad_fp32" --compare "$experiments/omniglot_maml_fp32" \
     --out "$out/plots" 2>&1 | tee -a "$summary"
+fi
 
 if [ -f utils/distributed.py ]; then
     say "plain run vs torchrun --nproc_per_node=1"

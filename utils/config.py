@@ -43,6 +43,11 @@ class ExperimentConfig:
     device: str = _field("auto", "auto picks CUDA when available, else the CPU", choices=("auto", "cpu", "cuda"))
     show_progress: bool = _field(True, "show a tqdm progress bar during training")
 
+    # --- distributed ----------------------------------------------------------------------
+    distributed_timeout_s: int = _field(
+        1800, "under torchrun: seconds a rank waits for the others in a collective before the run ends "
+        "with an error (a rank died or hangs)", minimum=1)
+
     # --- data -----------------------------------------------------------------------------
     dataset_name: str = _field("synthetic_glyphs", "dataset to train on (a folder under datasets_dir)")
     dataset_path: Optional[str] = _field(None, "dataset folder relative to datasets_dir (default: dataset_name)")
@@ -53,7 +58,7 @@ class ExperimentConfig:
     num_classes_per_set: int = _field(5, "N: ways per task", minimum=2)
     num_samples_per_class: int = _field(1, "K: support images per class (shots)", minimum=1)
     num_target_samples: int = _field(15, "query images per class", minimum=1)
-    batch_size: int = _field(4, "tasks per meta-batch", minimum=1)
+    batch_size: int = _field(4, "tasks per meta-batch (per rank under torchrun)", minimum=1)
     evaluation_batch_size: Optional[int] = _field(None, "tasks per batch at evaluation (default: batch_size)", minimum=1)
     augment_images: Optional[bool] = _field(
         None, "rotate training classes by multiples of 90 degrees (default: on for omniglot only)")

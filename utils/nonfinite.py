@@ -17,18 +17,26 @@ class TrainingDiverged(RuntimeError):
     """Too many meta-iterations in a row had a non-finite loss or gradient."""
 
 
-def finiteness_probe(losses: Tensor, parameters: Iterable[Tensor]) -> Tensor:
-    """A number that is finite exactly when every loss and every gradient entry is finite.
+def poison_gradients_if_nonfinite(losses: Tensor, parameters: Iterable[Tensor]) -> None:
+    """Make the gradients non-finite when a loss is, without a host sync: 0 * loss is 0 or NaN.
 
-    A NaN or inf anywhere makes the total gradient norm non-finite, and adding it to the summed loss
-    carries either into a single number (inf - inf is NaN, so opposite infinities are caught too).
+    A non-finite loss can come with finite gradients (cross-entropy of a label whose probability
+    underflows to 0); folded into the gradients, it reaches every rank through their all-reduce.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        grads[0].view(-1)[:1].add_(0.0 * losses.detach().sum().to(grads[0].dtype))
+
+
+def finiteness_probe(parameters: Iterable[Tensor]) -> Tensor:
+    """A number that is finite exactly when every gradient entry is finite (their total norm).
+
     It stays on the device, so the caller reads it in the same host sync as its metrics.
     """
-    total = losses.detach().float().sum()
     norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    if norms:
-        total = total + torch.stack(norms).to(total.device).norm()
-    return total
+    if not norms:
+        return torch.zeros(())
+    return torch.stack(norms).norm()
 
 
 def count_skipped(in_a_row: int, skipped: bool, iteration: int, limit: int, checkpoint: Path) -> int:

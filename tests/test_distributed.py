@@ -1,0 +1,183 @@
+"""torch.distributed on the CPU (gloo): 2 ranks started by torchrun train exactly like 1 process.
+
+N ranks with batch_size B per rank must equal one process with batch_size N*B: the same meta-
+gradients, the same weights after training, the same validation and ensemble-test numbers, and
+checkpoints that resume on another number of ranks.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from data import FewShotDataProvider
+from experiment_builder import ExperimentBuilder
+from utils.config import load_config
+from utils.storage import checkpoint_path, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+# Tasks per rank; the one-process reference uses RANKS * TASKS_PER_RANK. evaluation_batch_size is
+# fixed so both compute the same evaluation batches (its default follows batch_size).
+RANKS, TASKS_PER_RANK = 2, 2
+RUN = dict(total_epochs=2, total_iter_per_epoch=2, evaluation_batch_size=2, contextual_grad=True)
+
+
+def torchrun(nproc: int, *arguments: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free port of its own) with one thread per rank."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *arguments]
+    done = subprocess.run(command, cwd=REPO, env=ENVIRONMENT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def command_line(overrides: dict) -> list[str]:
+    return [token for key, value in overrides.items() for token in (f"--{key}", str(value))]
+
+
+def weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("experiments")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(toy_datasets, experiments):
+    """The reference: one process with the whole meta-batch, RANKS * TASKS_PER_RANK tasks."""
+    config = load_config(overrides=tiny_overrides(toy_datasets, experiments, experiment_name="one_process",
+                                                  batch_size=RANKS * TASKS_PER_RANK, **RUN))
+    builder = ExperimentBuilder(config)
+    summary = builder.run_experiment()
+    return weights(builder.model.state_dict()), builder.state["epoch_rows"], summary
+
+
+def test_meta_gradients_of_tasks_split_over_two_ranks_equal_one_process(toy_datasets, tmp_path):
+    overrides = tiny_overrides(toy_datasets, tmp_path, learnable_per_layer_per_step_inner_loop_learning_rate=True,
+                               use_multi_step_loss_optimization=True, contextual_grad=True)
+    output = tmp_path / "gradients.pt"
+    torchrun(RANKS, "tests/distributed_worker.py", "gradients",
+             json.dumps(dict(overrides, batch_size=TASKS_PER_RANK)), str(output))
+    split = torch.load(output)
+
+    config = load_config(overrides=dict(overrides, batch_size=RANKS * TASKS_PER_RANK))
+    builder = ExperimentBuilder(config)
+    builder.model.run_train_iter(FewShotDataProvider(config, splits=("train",)).train_batch(0), epoch=0)
+    whole = {name: p.grad for name, p in builder.model.named_parameters() if p.grad is not None}
+
+    assert set(split) == set(whole) and len(whole) > 10
+    for name, gradient in whole.items():
+        assert gradient.abs().max() > 0, name
+        torch.testing.assert_close(split[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(toy_datasets, experiments):
+    """The same training on RANKS ranks with TASKS_PER_RANK tasks each, through the command line."""
+    overrides = tiny_overrides(toy_datasets, experiments, experiment_name="two_ranks", batch_size=TASKS_PER_RANK,
+                               **RUN)
+    done = torchrun(RANKS, "train_maml_system.py", *command_line(overrides))
+    return overrides, done.stdout
+
+
+def test_two_ranks_train_like_one_process_with_the_doubled_meta_batch(one_process_run, two_rank_run):
+    reference_weights, reference_rows, reference_summary = one_process_run
+    overrides, stdout = two_rank_run
+    assert stdout.count("epoch 1:") == 1  # only rank 0 reports
+    folder = load_config(overrides=overrides).experiment_folder
+
+    trained = load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+    assert trained["world_size"] == RANKS
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(trained["network"][name], tensor, rtol=0, atol=1e-5, msg=name)
+
+    rows = list(csv.DictReader(open(folder / "logs" / "summary_statistics.csv")))
+    for row, reference in zip(rows, reference_rows, strict=True):
+        for key in ("train_loss_mean", "train_accuracy_mean", "val_loss_mean", "val_accuracy_mean"):
+            assert float(row[key]) == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
+    summary = json.loads((folder / "test_summary.json").read_text())
+    assert [m["epoch"] for m in summary["models"]] == [m["epoch"] for m in reference_summary["models"]]
+    assert summary["num_test_tasks"] == reference_summary["num_test_tasks"]
+    for key in ("ensemble_test_accuracy", "ensemble_test_confidence_95", "best_single_model_test_accuracy"):
+        assert summary[key] == pytest.approx(reference_summary[key], abs=1e-6), key
+    assert not list(folder.rglob("*.tmp"))
+
+
+def test_a_two_rank_run_resumes_on_one_rank(one_process_run, two_rank_run, tmp_path, capsys):
+    reference_weights, reference_rows, _ = one_process_run
+    overrides, _ = two_rank_run
+    # A copy of the two-rank experiment, resumed after its epoch 0 (its epoch-1 checkpoints are rewritten).
+    folder = tmp_path / "resumed"
+    shutil.copytree(load_config(overrides=overrides).experiment_folder, folder)
+    # batch_size counts tasks per rank: one rank takes the whole meta-batch of the two.
+    resumed = ExperimentBuilder(load_config(overrides=dict(
+        overrides, experiments_dir=str(tmp_path), experiment_name="resumed", batch_size=RANKS * TASKS_PER_RANK,
+        continue_from_epoch=0)))
+    resumed._resume()
+    assert resumed.state["next_epoch"] == 1 and len(resumed.state["epoch_rows"]) == 1
+    assert "Note:" not in capsys.readouterr().out
+    assert resumed.train() is True
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert resumed.state["epoch_rows"][1]["val_loss_mean"] == pytest.approx(reference_rows[1]["val_loss_mean"],
+                                                                             rel=1e-5)
+
+
+def test_a_rank_that_dies_ends_the_run_with_a_clear_message_and_a_valid_checkpoint(toy_datasets, tmp_path):
+    """Two ranks started by hand (torchrun would stop the survivor at once): rank 1 dies in epoch 1."""
+    overrides = tiny_overrides(toy_datasets, tmp_path, experiment_name="dies", batch_size=TASKS_PER_RANK,
+                               distributed_timeout_s=60, **RUN)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [subprocess.Popen(
+        [sys.executable, "tests/distributed_worker.py", "die_in_epoch", "1", *command_line(overrides)], cwd=REPO,
+        env=dict(ENVIRONMENT, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(RANKS)]
+    try:
+        survivor_errors = [rank.communicate(timeout=240)[1] for rank in ranks][0]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [1, 3]
+    assert "error: rank 0 of 2: all-reduce of the meta-gradients failed" in survivor_errors
+    assert "Another rank has probably died" in survivor_errors and "Traceback" not in survivor_errors
+
+    latest = load_checkpoint(tmp_path / "dies" / "saved_models" / "train_model_latest")
+    assert latest["experiment"]["next_epoch"] == 1
+    assert not list((tmp_path / "dies").rglob("*.tmp"))
+
+
+def test_torchrun_with_one_process_is_the_plain_run(one_process_run, toy_datasets, experiments):
+    reference_weights, reference_rows, reference_summary = one_process_run
+    overrides = tiny_overrides(toy_datasets, experiments, experiment_name="torchrun_one",
+                               batch_size=RANKS * TASKS_PER_RANK, **RUN)
+    torchrun(1, "train_maml_system.py", *command_line(overrides))
+    folder = experiments / "torchrun_one"
+    trained = load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+    for name, tensor in reference_weights.items():
+        assert torch.equal(trained["network"][name], tensor), name
+    assert trained["experiment"]["epoch_rows"][-1]["val_loss_mean"] == reference_rows[-1]["val_loss_mean"]
+    summary = json.loads((folder / "test_summary.json").read_text())
+    assert summary["ensemble_test_accuracy"] == reference_summary["ensemble_test_accuracy"]
+
+
+def test_a_resume_that_changes_the_meta_batch_says_how_to_keep_it(two_rank_run, capsys):
+    overrides, _ = two_rank_run
+    ExperimentBuilder(load_config(overrides=dict(overrides, batch_size=TASKS_PER_RANK)))._resume()
+    note = capsys.readouterr().out
+    assert "2 rank(s) x 2 tasks = 4 tasks per meta-batch; this run uses 1 rank(s) x 2 = 2" in note
+    assert f"--batch_size {RANKS * TASKS_PER_RANK} continues it unchanged" in note
