@@ -67,7 +67,8 @@ def rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int) -> dict:
+def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int,
+            profile: bool = False) -> dict:
     """Build the model, run warm-up iterations, then time `iterations` meta-training iterations."""
     import torch
     from few_shot_learning_system import MAMLFewShotClassifier
@@ -95,6 +96,13 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
 
     for _ in range(warmup):
         one_iteration()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            one_iteration()
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort_by, row_limit=20), file=sys.stderr)
     times = [one_iteration() for _ in range(iterations)]
     result = {"config": config_name, "device": device_name, "variant": variant,
               "threads": torch.get_num_threads(), "iterations": iterations,
@@ -126,10 +134,13 @@ def main(argv=None) -> int:
                         help="default: cpu, and cuda when PyTorch sees a GPU")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per setting (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"),
+                        help="only this setting, with a torch.profiler table of one iteration (on stderr)")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(measure(*args.worker, args.iterations, args.warmup)), flush=True)
+    if args.worker or args.profile:
+        print(json.dumps(measure(*(args.worker or args.profile), args.iterations, args.warmup,
+                                 profile=bool(args.profile))), flush=True)
         return 0
 
     import torch

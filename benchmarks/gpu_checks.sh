@@ -19,6 +19,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 FSL_NO_DOWNLOAD=1 DATASET_DIR="$work/datasets"
 experiments="$work/experiments"
 summary="$out/summary.txt"
+config_dir=experiment_config/omniglot_5way_1shot
 device=${DEVICE:-cuda}
 read -r -a extra <<< "${EXTRA_ARGS:-}"
 say() { echo "== $* ($(date +%T))" | tee -a "$summary"; }
@@ -37,7 +38,6 @@ fi
 
 if [ -z "${SKIP_TRAINING:-}" ]; then
 say "Omniglot CPU-budget configs on the GPU (three runs at once)"
-config_dir=experiment_config/omniglot_5way_1shot
 train() {  # name config mixed_precision
     local name=$1 config=$2 bf16=$3 started=$SECONDS
     timeout 330 "$python" train_maml_system.py --name_of_args_json_file "$config_dir/$config" \
