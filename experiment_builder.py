@@ -269,8 +269,7 @@ class ExperimentBuilder:
                     progress["iterations"] += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
-                    # Every rank stops after the same iteration, whichever received the signal.
-                    if self.distributed.any_rank(self.stop.requested):
+                    if self._stop_requested():
                         progress["seconds"] = time.time() - started
                         self._stop_mid_epoch(iteration, epoch)
             # Per iteration, the mean over the ranks is the mean over the whole meta-batch.
@@ -304,7 +303,7 @@ class ExperimentBuilder:
                 tensorboard.log_epoch(row, inner_loop_rows)
             self.distributed.barrier()  # the epoch's files are on disk for every rank
             epochs_run += 1
-            if self.distributed.any_rank(self.stop.requested):  # the signal came during validation: stop now
+            if self._stop_requested():  # the signal came during validation: the epoch is saved, stop now
                 raise TrainingInterrupted(
                     f"stopped by {self.stop.signal_name} after epoch {epoch}; its checkpoint is saved in "
                     f"{self.models_folder}. Resume: rerun the same command with --continue_from_epoch latest")
@@ -321,6 +320,12 @@ class ExperimentBuilder:
             tqdm.write(f"warning: meta-iteration {iteration} (epoch {epoch}): loss or gradient not finite, update "
                        f"skipped ({in_a_row} in a row of {self.config.max_consecutive_nonfinite_iterations} allowed)",
                        file=sys.stderr)
+
+    def _stop_requested(self) -> bool:
+        """Every rank stops after the same iteration, whichever of them received the signal."""
+        if self.distributed.any_rank(self.stop.requested) and not self.stop.requested:
+            self.stop.signal_name = "a signal to another rank"
+        return self.stop.requested
 
     def _stop_mid_epoch(self, iteration: int, epoch: int) -> None:
         """Save where this epoch stands (only `train_model_latest`: epoch checkpoints stay whole epochs)."""

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from conftest import tiny_overrides
 from data import FewShotDataProvider
 from experiment_builder import ExperimentBuilder
 from utils.config import load_config
+from utils.interrupt import INTERRUPTED_EXIT_CODE
 from utils.storage import checkpoint_path, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +183,47 @@ def test_a_resume_that_changes_the_meta_batch_says_how_to_keep_it(two_rank_run, 
     note = capsys.readouterr().out
     assert "2 rank(s) x 2 tasks = 4 tasks per meta-batch; this run uses 1 rank(s) x 2 = 2" in note
     assert f"--batch_size {RANKS * TASKS_PER_RANK} continues it unchanged" in note
+
+
+def test_a_signal_to_one_rank_stops_both_after_the_same_iteration_and_resumes_exactly(toy_datasets, tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after the same iteration, rank 0 saves, and the
+    resumed 2-rank run ends bit for bit where an uninterrupted 2-rank run ends."""
+    run = dict(RUN, total_iter_per_epoch=20, distributed_timeout_s=60)
+    uninterrupted = tiny_overrides(toy_datasets, tmp_path, experiment_name="uninterrupted",
+                                   batch_size=TASKS_PER_RANK, **run)
+    torchrun(RANKS, "train_maml_system.py", *command_line(uninterrupted))
+
+    overrides = dict(uninterrupted, experiment_name="signalled")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [subprocess.Popen(
+        [sys.executable, "train_maml_system.py", *command_line(overrides)], cwd=REPO,
+        env=dict(ENVIRONMENT, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(RANKS)]
+    try:
+        for line in ranks[0].stdout:
+            if line.startswith("Training from epoch 0"):
+                ranks[1].send_signal(signal.SIGTERM)
+                break
+        errors = [rank.communicate(timeout=240)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [INTERRUPTED_EXIT_CODE] * RANKS, errors
+    assert "rank 0: stopped by a signal to another rank after" in errors[0]
+    assert "rank 1: stopped by SIGTERM after" in errors[1]
+    stopped = load_checkpoint(tmp_path / "signalled" / "saved_models" / "train_model_latest")["experiment"]
+    done = stopped["next_epoch"] * run["total_iter_per_epoch"] + stopped["epoch_progress"]["iterations"]
+    assert done < run["total_epochs"] * run["total_iter_per_epoch"]
+
+    torchrun(RANKS, "train_maml_system.py", *command_line(overrides))
+    expected = load_checkpoint(tmp_path / "uninterrupted" / "saved_models" / "train_model_latest")
+    resumed = load_checkpoint(tmp_path / "signalled" / "saved_models" / "train_model_latest")
+    for name, tensor in expected["network"].items():
+        assert torch.equal(resumed["network"][name], tensor), name
+    for row, reference in zip(resumed["experiment"]["epoch_rows"], expected["experiment"]["epoch_rows"],
+                              strict=True):
+        for key in ("train_loss_mean", "train_accuracy_mean", "val_loss_mean", "val_accuracy_mean"):
+            assert row[key] == pytest.approx(reference[key], rel=1e-12), key
