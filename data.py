@@ -9,12 +9,10 @@ A split is decoded once into one uint8 array (cached next to the dataset, memory
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -24,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from utils.storage import atomic_write_text
+from utils.storage import atomic_write_text, exclusive_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -110,17 +108,6 @@ def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """One process at a time decodes a split; the others wait and then find its cache."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _load_cache(array_path: Path, index_path: Path, manifest_text: str, shape: tuple[int, int, int],
                 in_memory: bool) -> Optional[ImageSplit]:
     """The cached split, or None when there is no cache, it belongs to another build, or it is damaged."""
@@ -164,7 +151,8 @@ def load_split(folder: Path, split: str, shape: tuple[int, int, int], in_memory:
     except OSError as error:
         raise DatasetError(f"cannot write the image cache {cache_dir} ({error}); the first use of a dataset "
                            f"decodes it there once, so {folder} must be writable") from None
-    with _exclusive_lock(lock_path):
+    # One process at a time decodes a split; the others wait and then find its cache.
+    with exclusive_lock(lock_path):
         cached = _load_cache(array_path, index_path, manifest_text, shape, in_memory)  # decoded while we waited?
         if cached is None:
             for leftover in cache_dir.glob(f"{stem}.*.tmp.npy"):  # from a decode that was killed

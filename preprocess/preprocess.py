@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +61,7 @@ if __name__ == "__main__":
 from preprocess import imagenet_style, omniglot, synthetic_glyphs  # noqa: E402
 from preprocess.archives import PreprocessError, sha256_file  # noqa: E402
 from preprocess.images import IMAGE_SUFFIXES  # noqa: E402
+from utils.storage import exclusive_lock  # noqa: E402
 
 __all__ = ["DATASET_RECIPES", "FORMAT_VERSION", "MANIFEST_NAME", "PreprocessError", "SPLITS", "check_dataset_names",
            "main", "prepare_dataset", "read_manifest"]
@@ -204,16 +203,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
                     dest: str | os.PathLike[str] = "datasets", force: bool = False, seed: int = 0,
                     allow_download: bool = True, skip_bad_images: bool = False) -> Path:
@@ -235,7 +224,7 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
     dataset_dir = dest_dir / name
     dest_dir.mkdir(parents=True, exist_ok=True)
 
-    with _exclusive_lock(dest_dir / f".{name}.lock"):
+    with exclusive_lock(dest_dir / f".{name}.lock"):
         # Holding the lock, any partial or old folder belongs to a run that died.
         for leftover in sorted([*dest_dir.glob(f".{name}.partial-*"), *dest_dir.glob(f".{name}.old-*")]):
             print(f"{name}: removing leftover {leftover}", flush=True)

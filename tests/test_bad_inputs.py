@@ -27,14 +27,13 @@ import torch
 
 import utils.storage as storage
 from conftest import make_toy_dataset, tiny_overrides
-from data import DatasetError
 from experiment_builder import ExperimentBuilder
 from preprocess.archives import PreprocessError, safe_extract
 from train_maml_system import main
 from utils.config import ConfigError, load_config
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
-from utils.storage import CheckpointError, StorageError, checkpoint_path, load_checkpoint
+from utils.storage import checkpoint_path, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = dict(total_epochs=2, max_models_to_save=2)  # the trained experiment: epochs 0 and 1, both kept

@@ -6,13 +6,15 @@ or a full disk mid-write leaves the previous version intact, never a truncated o
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -109,3 +111,14 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """One process at a time in the block (an flock on `lock_path`); the others wait their turn."""
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
