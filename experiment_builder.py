@@ -246,68 +246,83 @@ class ExperimentBuilder:
                           f"--continue_from_epoch latest")
                 return False
             epoch = self.state["next_epoch"]
-            # A run stopped by a signal mid-epoch continues this epoch where it stopped.
-            progress = self.state["epoch_progress"]
-            started = time.time() - progress["seconds"]
-            losses, accuracies = progress["losses"], progress["accuracies"]
-            first_iteration = epoch * config.total_iter_per_epoch + progress["iterations"]
             if epochs_run == 0 and self.distributed.is_main:
-                print(f"Training from epoch {epoch}, iteration {progress['iterations']}; Ctrl-C or SIGTERM "
-                      f"saves a resumable checkpoint after the current iteration", flush=True)
-            show_progress = config.show_progress and self.distributed.is_main
-            with tqdm(total=config.total_iter_per_epoch, initial=progress["iterations"],
-                      disable=not show_progress, desc=f"epoch {epoch}", leave=False) as bar:
-                for iteration, batch in enumerate(provider.train_batches(
-                        first_iteration, config.total_iter_per_epoch - progress["iterations"]), first_iteration):
-                    metrics = self.model.run_train_iter(batch, epoch)
-                    self._count_nonfinite(metrics["skipped"], iteration, epoch)
-                    if not metrics["skipped"]:
-                        losses.append(metrics["loss"])
-                        accuracies.append(metrics["accuracy"])
-                        if inner_loop_log is not None:
-                            inner_loop_log.add(metrics["inner_loop_statistics"])
-                    progress["iterations"] += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
-                    if self._stop_requested():
-                        progress["seconds"] = time.time() - started
-                        self._stop_mid_epoch(iteration, epoch)
-            # Per iteration, the mean over the ranks is the mean over the whole meta-batch.
-            losses, accuracies = self.distributed.average_over_ranks(np.array([losses, accuracies]))
-            validation = self.evaluate(provider, "val")
-            learning_rate = self.model.optimizer.param_groups[0]["lr"]
-            self.model.scheduler.step()
-            row = {"epoch": epoch,
-                   "train_loss_mean": float(np.mean(losses)), "train_loss_std": float(np.std(losses)),
-                   "train_accuracy_mean": float(np.mean(accuracies)),
-                   "train_accuracy_std": float(np.std(accuracies)),
-                   "val_loss_mean": float(validation["loss"].mean()), "val_loss_std": float(validation["loss"].std()),
-                   "val_accuracy_mean": float(validation["accuracy"].mean()),
-                   "val_accuracy_std": float(validation["accuracy"].std()),
-                   "meta_learning_rate": learning_rate, "epoch_time_s": time.time() - started}
-            row["nonfinite_iterations_skipped"] = progress["skipped"]
-            self.state["epoch_rows"].append(row)
-            self.state["next_epoch"] = epoch + 1
-            self.state["epoch_progress"] = fresh_epoch_progress()
-            self._save_epoch(epoch)
-            if self.distributed.is_main:
-                write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
-                print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} "
-                      f"acc {row['train_accuracy_mean']:.4f} | val loss {row['val_loss_mean']:.4f} "
-                      f"acc {row['val_accuracy_mean']:.4f} | "
-                      f"{row['epoch_time_s']:.1f}s", flush=True)
-            inner_loop_rows = []
-            if inner_loop_log is not None:
-                inner_loop_rows = inner_loop_log.end_epoch(epoch, self.model.query_step_weights(epoch))
-            if tensorboard is not None:
-                tensorboard.log_epoch(row, inner_loop_rows)
-            self.distributed.barrier()  # the epoch's files are on disk for every rank
+                print(f"Training from epoch {epoch}, iteration {self.state['epoch_progress']['iterations']}; "
+                      f"Ctrl-C or SIGTERM saves a resumable checkpoint after the current iteration", flush=True)
+            started = self._train_iterations(provider, epoch, inner_loop_log)
+            self._end_epoch(provider, epoch, started, inner_loop_log, tensorboard)
             epochs_run += 1
             if self._stop_requested():  # the signal came during validation: the epoch is saved, stop now
                 raise TrainingInterrupted(
                     f"stopped by {self.stop.signal_name} after epoch {epoch}; its checkpoint is saved in "
                     f"{self.models_folder}. Resume: rerun the same command with --continue_from_epoch latest")
         return True
+
+    def _train_iterations(self, provider: FewShotDataProvider, epoch: int,
+                          inner_loop_log: Optional[InnerLoopStatisticsLog]) -> float:
+        """The epoch's remaining meta-iterations (all of them, unless a signal stopped it mid-way before).
+
+        Returns the time the epoch started, counting the time it ran before an interruption.
+        """
+        config = self.config
+        progress = self.state["epoch_progress"]
+        started = time.time() - progress["seconds"]
+        first_iteration = epoch * config.total_iter_per_epoch + progress["iterations"]
+        show_progress = config.show_progress and self.distributed.is_main
+        with tqdm(total=config.total_iter_per_epoch, initial=progress["iterations"],
+                  disable=not show_progress, desc=f"epoch {epoch}", leave=False) as bar:
+            for iteration, batch in enumerate(provider.train_batches(
+                    first_iteration, config.total_iter_per_epoch - progress["iterations"]), first_iteration):
+                metrics = self.model.run_train_iter(batch, epoch)
+                self._count_nonfinite(metrics["skipped"], iteration, epoch)
+                if not metrics["skipped"]:
+                    progress["losses"].append(metrics["loss"])
+                    progress["accuracies"].append(metrics["accuracy"])
+                    if inner_loop_log is not None:
+                        inner_loop_log.add(metrics["inner_loop_statistics"])
+                progress["iterations"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
+                if self._stop_requested():
+                    progress["seconds"] = time.time() - started
+                    self._stop_mid_epoch(iteration, epoch)
+        return started
+
+    def _end_epoch(self, provider: FewShotDataProvider, epoch: int, started: float,
+                   inner_loop_log: Optional[InnerLoopStatisticsLog], tensorboard: Optional[TensorBoardLog]) -> None:
+        """Validate, step the schedule, record the epoch's row, save its checkpoints and logs."""
+        progress = self.state["epoch_progress"]
+        # Per iteration, the mean over the ranks is the mean over the whole meta-batch.
+        losses, accuracies = self.distributed.average_over_ranks(
+            np.array([progress["losses"], progress["accuracies"]]))
+        validation = self.evaluate(provider, "val")
+        learning_rate = self.model.optimizer.param_groups[0]["lr"]
+        self.model.scheduler.step()
+        row = {"epoch": epoch,
+               "train_loss_mean": float(np.mean(losses)), "train_loss_std": float(np.std(losses)),
+               "train_accuracy_mean": float(np.mean(accuracies)),
+               "train_accuracy_std": float(np.std(accuracies)),
+               "val_loss_mean": float(validation["loss"].mean()), "val_loss_std": float(validation["loss"].std()),
+               "val_accuracy_mean": float(validation["accuracy"].mean()),
+               "val_accuracy_std": float(validation["accuracy"].std()),
+               "meta_learning_rate": learning_rate, "epoch_time_s": time.time() - started,
+               "nonfinite_iterations_skipped": progress["skipped"]}
+        self.state["epoch_rows"].append(row)
+        self.state["next_epoch"] = epoch + 1
+        self.state["epoch_progress"] = fresh_epoch_progress()
+        self._save_epoch(epoch)
+        if self.distributed.is_main:
+            write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+            print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} "
+                  f"acc {row['train_accuracy_mean']:.4f} | val loss {row['val_loss_mean']:.4f} "
+                  f"acc {row['val_accuracy_mean']:.4f} | "
+                  f"{row['epoch_time_s']:.1f}s", flush=True)
+        inner_loop_rows = []
+        if inner_loop_log is not None:
+            inner_loop_rows = inner_loop_log.end_epoch(epoch, self.model.query_step_weights(epoch))
+        if tensorboard is not None:
+            tensorboard.log_epoch(row, inner_loop_rows)
+        self.distributed.barrier()  # the epoch's files are on disk for every rank
 
     def _count_nonfinite(self, skipped: bool, iteration: int, epoch: int) -> None:
         """Count an update skipped for a non-finite loss or gradient; stop the run after too many in a row."""
