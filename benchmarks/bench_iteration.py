@@ -85,14 +85,15 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def one_iteration() -> float:
+    def one_iteration() -> tuple[float, float]:
+        """Wall seconds and CPU seconds of this process (all its threads) for one meta-iteration."""
         if cuda:
             torch.cuda.synchronize()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         model.run_train_iter(batch, epoch=0)  # returns host floats: the iteration has finished
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu_started
 
     for _ in range(warmup):
         one_iteration()
@@ -103,10 +104,11 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
             one_iteration()
         sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort_by, row_limit=20), file=sys.stderr)
-    times = [one_iteration() for _ in range(iterations)]
+    times, cpu_times = zip(*(one_iteration() for _ in range(iterations)))
     result = {"config": config_name, "device": device_name, "variant": variant,
               "threads": torch.get_num_threads(), "iterations": iterations,
               "median_s_per_iter": statistics.median(times), "min_s_per_iter": min(times),
+              "median_cpu_s_per_iter": statistics.median(cpu_times),
               "second_order": model.use_second_order(0), "meta_batch": config.batch_size}
     if cuda:
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -120,7 +122,8 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
 def run_setting(config_name: str, device_name: str, variant: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", config_name, device_name, variant,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    environment = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment)
     if completed.returncode != 0:
         return {"config": config_name, "device": device_name, "variant": variant,
                 "error": completed.stderr.strip().splitlines()[-1:]}
@@ -134,6 +137,8 @@ def main(argv=None) -> int:
                         help="default: cpu, and cuda when PyTorch sees a GPU")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per setting (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of each setting (OMP_NUM_THREADS); default: PyTorch's choice")
     parser.add_argument("--profile", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"),
                         help="only this setting, with a torch.profiler table of one iteration (on stderr)")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
@@ -162,6 +167,9 @@ def main(argv=None) -> int:
                 summary[f"speedup_{variant}_vs_loop"] = loop["median_s_per_iter"] / results[variant]["median_s_per_iter"]
                 summary[f"peak_memory_ratio_{variant}_vs_loop"] = (
                     results[variant]["peak_memory_mb"] / loop["peak_memory_mb"])
+                if device_name == "cpu":
+                    summary[f"cpu_time_ratio_{variant}_vs_loop"] = (
+                        loop["median_cpu_s_per_iter"] / results[variant]["median_cpu_s_per_iter"])
             print(json.dumps(summary), flush=True)
     return 1 if failed else 0
 
