@@ -192,9 +192,8 @@ class ExperimentBuilder:
     def _save_epoch(self, epoch: int) -> None:
         if not self.distributed.is_main:  # the others wait at the barrier that ends the epoch
             return
-        state = self._checkpoint_state()
-        save_checkpoint(checkpoint_path(self.models_folder, epoch), state)
-        save_checkpoint(checkpoint_path(self.models_folder, "latest"), state)
+        save_checkpoint(self._checkpoint_state(), checkpoint_path(self.models_folder, epoch),
+                        checkpoint_path(self.models_folder, "latest"))
         keep = set(self.best_epochs())
         for old in saved_epochs(self.models_folder):
             if old not in keep and old <= epoch:
@@ -351,7 +350,7 @@ class ExperimentBuilder:
             values.tolist() for values in self.distributed.average_over_ranks(
                 np.array([progress["losses"], progress["accuracies"]])))
         if self.distributed.is_main:
-            save_checkpoint(path, self._checkpoint_state())
+            save_checkpoint(self._checkpoint_state(), path)
         self.distributed.barrier()
         done = progress["iterations"]
         raise TrainingInterrupted(
@@ -377,8 +376,6 @@ class ExperimentBuilder:
         with self.distributed.main_first():
             provider = FewShotDataProvider(config, dataset_folder=folder, dataset_name=test_name,
                                            normalisation=(mean, std), splits=("test",))
-        labels = torch.cat([batch.query_labels for batch in provider.evaluation_batches(
-            "test", config.num_evaluation_tasks, config.evaluation_batch_size or config.batch_size)]).numpy()
         val_accuracy = {row["epoch"]: row["val_accuracy_mean"] for row in self.state["epoch_rows"]}
         per_model, summed = [], None
         for epoch in epochs:
@@ -388,7 +385,7 @@ class ExperimentBuilder:
             accuracy, interval = mean_and_confidence(outputs["accuracy"])
             per_model.append({"epoch": epoch, "val_accuracy": val_accuracy[epoch],
                               "test_accuracy": accuracy, "test_confidence_95": interval})
-        ensemble_accuracy = (summed.argmax(-1) == labels).mean(axis=1)
+        ensemble_accuracy = (summed.argmax(-1) == outputs["labels"]).mean(axis=1)  # the same tasks for every model
         accuracy, interval = mean_and_confidence(ensemble_accuracy)
         best_single = per_model[0]  # epochs are ordered by validation accuracy
         summary = {"dataset": test_name, "trained_on": config.dataset_name,

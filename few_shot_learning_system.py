@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
-from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
 from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
 from utils.config import ExperimentConfig
+from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
 from utils.nonfinite import finiteness_probe, poison_gradients_if_nonfinite
 
 # torch.compile's backend for `compile_backbone` (tests swap in a cheaper one).
@@ -97,7 +97,6 @@ class InnerLoopResult:
     adapted_params: dict[str, Tensor]
     query_loss: Tensor  # [T], weighted over the steps, in the graph of the meta-parameters
     query_logits: Tensor  # [T, queries, classes] after the last step
-    support_losses: Tensor  # [steps, T], detached
     statistics: Optional[InnerLoopStatistics] = None  # with log_inner_loop_statistics, in training
 
 
@@ -210,7 +209,6 @@ class MAMLFewShotClassifier(nn.Module):
 
         query_loss = torch.zeros(tasks, device=task.support_images.device)
         query_logits = None
-        support_losses = []
         recorder = None
         if self.config.log_inner_loop_statistics and track_meta_graph:  # the meta-training inner loop only
             scaled_layers = self.context.conv_weight_names if self.context is not None else []
@@ -220,7 +218,6 @@ class MAMLFewShotClassifier(nn.Module):
             if self.context is not None:
                 fast, gamma = self.context.rescale(fast, context)  # step 3a: replace the conv weights
             losses = support_loss(fast, step, double_backward=create_graph)
-            support_losses.append(losses.detach())
             # Summing the per-task losses gives each task's own gradient for its own weights.
             inputs = list(fast.values()) + ([context] if context is not None else [])
             # First-order CxGrad still back-propagates through this step's rescaling (to g), whose
@@ -245,7 +242,6 @@ class MAMLFewShotClassifier(nn.Module):
                 query_logits = logits
         return InnerLoopResult(
             adapted_params=fast, query_loss=query_loss, query_logits=query_logits,
-            support_losses=torch.stack(support_losses),
             statistics=recorder.result() if recorder is not None else None)
 
     # ------------------------------------------------------------------ the outer loop
@@ -303,7 +299,7 @@ class MAMLFewShotClassifier(nn.Module):
         return metrics
 
     def run_validation_iter(self, task: TaskBatch) -> dict[str, Tensor]:
-        """Adapt (first order) and predict the queries; per-task losses, accuracies and probabilities."""
+        """Adapt (first order) and predict the queries; per-task losses, accuracies, probabilities and labels."""
         self.eval()
         task = task.to(self.device)
         steps = self.config.number_of_evaluation_steps_per_iter
@@ -316,4 +312,4 @@ class MAMLFewShotClassifier(nn.Module):
             accuracies.append((logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
             probabilities.append(logits.softmax(dim=-1))
         return {"loss": torch.cat(losses).cpu(), "accuracy": torch.cat(accuracies).cpu(),
-                "probabilities": torch.cat(probabilities).cpu()}
+                "probabilities": torch.cat(probabilities).cpu(), "labels": task.query_labels.cpu()}

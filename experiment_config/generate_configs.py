@@ -26,22 +26,19 @@ COMMON = {
 }
 
 # Dataset-level settings: image shape, filters, inner rate, schedule, queries, meta-batch per shot.
+# The RGB datasets share the mini-ImageNet recipe of MAML++ and CxGrad and differ only in image size
+# and (tiered-ImageNet) length.
+RGB = dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
+           init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
+           total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2})
 DATASETS = {
     "omniglot": dict(image_height=28, image_width=28, image_channels=1, cnn_num_filters=64,
                      init_inner_loop_learning_rate=0.1, min_learning_rate=0.00001, total_epochs=100,
                      total_iter_per_epoch=500, num_target_samples=1, batch_size={1: 8, 5: 8}),
-    "mini_imagenet": dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
-                          init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
-                          total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
-    "tiered_imagenet": dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
-                            init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=250,
-                            total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
-    "CIFAR_FS": dict(image_height=32, image_width=32, image_channels=3, cnn_num_filters=48,
-                     init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
-                     total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
-    "CUB": dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
-                init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
-                total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2}),
+    "mini_imagenet": RGB,
+    "tiered_imagenet": dict(RGB, total_epochs=250),
+    "CIFAR_FS": dict(RGB, image_height=32, image_width=32),
+    "CUB": RGB,
 }
 SETTINGS = [("omniglot", 5, 1), ("omniglot", 5, 5), ("omniglot", 20, 1), ("omniglot", 20, 5)] + [
     (name, 5, shots) for name in ("mini_imagenet", "tiered_imagenet", "CIFAR_FS", "CUB") for shots in (1, 5)]
