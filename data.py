@@ -159,6 +159,9 @@ def load_split(folder: Path, split: str, shape: tuple[int, int, int], in_memory:
                 leftover.unlink()
             _decode_into_cache(folder, split_folder, shape, array_path, index_path, manifest_text)
             cached = _load_cache(array_path, index_path, manifest_text, shape, in_memory)
+    if cached is None:
+        raise DatasetError(f"the image cache {array_path} cannot be read right after decoding it; check the disk, "
+                           f"delete {cache_dir} and run again")
     return cached
 
 
@@ -269,10 +272,8 @@ def channel_statistics(split: ImageSplit, max_images: int = 20000,
     """Per-channel mean and std of a split in [0, 1], from an evenly spaced subset of its images.
 
     Summed exactly in integers, a chunk at a time: a float64 copy of mini-ImageNet's training split
-    would take 6 GB. The result is cached with the split, so a warm start does not recompute it.
+    would take 6 GB. `load_split` computes it once and keeps it in the cache (`ImageSplit.statistics`).
     """
-    if split.statistics is not None:
-        return split.statistics
     step = max(1, len(split.images) // max_images)
     selected = range(0, len(split.images), step)
     channels = split.images.shape[-1]
@@ -313,7 +314,7 @@ class FewShotDataProvider:
                        for name in splits}
         if normalisation is None:
             train = self.splits.get("train") or load_split(self.folder, "train", config.image_shape, False)
-            normalisation = channel_statistics(train)
+            normalisation = train.statistics
         self.mean, self.std = normalisation
         self.samplers = {
             name: TaskSampler(split, config.num_classes_per_set, config.num_samples_per_class,
@@ -324,6 +325,11 @@ class FewShotDataProvider:
         }
         self.workers = config.num_dataprovider_workers
         self._pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 0 else None
+
+    def close(self) -> None:
+        """Stop the worker threads; batches they were preparing ahead are dropped."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def train_batch(self, iteration: int) -> TaskBatch:
         rngs = [np.random.default_rng([self.config.train_seed, 0, iteration, task])

@@ -155,9 +155,8 @@ class ExperimentBuilder:
 
     def _resume(self) -> None:
         choice = self.config.continue_from_epoch
-        existing = saved_epochs(self.models_folder) or checkpoint_path(self.models_folder, "latest").exists()
         if choice == "from_scratch":
-            if existing:
+            if resume_candidates(self.models_folder):
                 raise CheckpointError(
                     f"{self.models_folder} already holds checkpoints and from_scratch would overwrite them; "
                     f"resume with --continue_from_epoch latest, or start a new --experiment_name")

@@ -287,7 +287,8 @@ class MAMLFewShotClassifier(nn.Module):
         # good, so such an update is skipped (utils/nonfinite.py).
         poison_gradients_if_nonfinite(all_losses, self.parameters())
         self.gradient_reducer(self.parameters())
-        # One host sync per iteration reads the metrics and the finiteness probe.
+        # One host sync per iteration reads the metrics and the finiteness probe (under torchrun the
+        # experiment builder adds one small all-reduce of the stop request).
         probe = finiteness_probe(self.parameters()).to(all_losses.device)
         loss, accuracy, probe = torch.stack([all_losses.mean(), torch.cat(correct).mean(), probe]).tolist()
         skipped = not math.isfinite(probe)

@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=N train_maml_system.py --name_of_args_json_file CONFIG   (N GPUs, batch_size per GPU)
 
 Any config key can be overridden: --batch_size 2 --total_epochs 10 --device cpu.
-Exit status: 0 done, 2 an error (printed as "error: ..."), 75 stopped by SIGINT/SIGTERM after saving a
-resumable checkpoint (rerun with --continue_from_epoch latest).
+Exit status: 0 done, 2 an error (printed as "error: ..."), 1 a rank of a torchrun run died or hung,
+75 stopped by SIGINT/SIGTERM after saving a resumable checkpoint (rerun with --continue_from_epoch latest).
 """
 from __future__ import annotations
 

@@ -131,7 +131,9 @@ def loader_batches_per_second(config: ExperimentConfig, workers: int, min_batche
     while drawn < min_batches or time.perf_counter() - started < min_seconds:
         next(stream)
         drawn += 1
-    return drawn / (time.perf_counter() - started)
+    rate = drawn / (time.perf_counter() - started)
+    provider.close()  # the batches prepared ahead must not run into the next measurement
+    return rate
 
 
 def training_iteration_seconds(config: ExperimentConfig, iterations: int, warmup: int) -> list[float]:
@@ -167,7 +169,7 @@ def measure(name: str, config: ExperimentConfig, config_label: str, workers: lis
         "image_shape": list(config.image_shape), "ways": config.num_classes_per_set,
         "shots": config.num_samples_per_class, "queries": config.num_target_samples,
         "meta_batch": config.batch_size, "second_order": config.second_order,
-        "cold_start_s": round(cold, 3), "warm_start_s": round(warm, 3),
+        "cold_start_s": round(cold, 6), "warm_start_s": round(warm, 6),
         "configured_workers": configured,
         "loader_batches_per_s": {str(count): round(value, 2) for count, value in throughput.items()},
         "train_iteration_s_median": round(median, 4), "train_iteration_s": [round(s, 4) for s in train_seconds],

@@ -40,8 +40,11 @@ VARIANTS = {
     "batched_channels_last": {"task_batching": "batched", "channels_last": True},
     "batched_bf16": {"task_batching": "batched", "mixed_precision": True},
     "batched_bf16_channels_last": {"task_batching": "batched", "mixed_precision": True, "channels_last": True},
+    # What log_inner_loop_statistics costs (run it with --variants batched batched_statistics).
+    "batched_statistics": {"task_batching": "batched", "log_inner_loop_statistics": True},
 }
 CPU_VARIANTS = ("loop", "batched")
+CUDA_VARIANTS = ("loop", "batched", "batched_channels_last", "batched_bf16", "batched_bf16_channels_last")
 
 
 def random_task_batch(config, device):
@@ -139,6 +142,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of each setting (OMP_NUM_THREADS); default: PyTorch's choice")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="what to time; the ratios are against the first (default: loop, batched on the CPU, "
+                             "and the bf16 / channels_last variants too on CUDA)")
     parser.add_argument("--profile", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"),
                         help="only this setting, with a torch.profiler table of one iteration (on stderr)")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
     failed = False
     for config_name in args.configs:
         for device_name in devices:
-            variants = CPU_VARIANTS if device_name == "cpu" else tuple(VARIANTS)
+            variants = args.variants or (CPU_VARIANTS if device_name == "cpu" else CUDA_VARIANTS)
             results = {}
             for variant in variants:
                 results[variant] = run_setting(config_name, device_name, variant, args)
@@ -161,15 +167,17 @@ def main(argv=None) -> int:
             if any("error" in result for result in results.values()):
                 failed = True
                 continue
-            loop = results["loop"]
+            base_name = variants[0]
+            base = results[base_name]
             summary = {"config": config_name, "device": device_name, "summary": True}
             for variant in variants[1:]:
-                summary[f"speedup_{variant}_vs_loop"] = loop["median_s_per_iter"] / results[variant]["median_s_per_iter"]
-                summary[f"peak_memory_ratio_{variant}_vs_loop"] = (
-                    results[variant]["peak_memory_mb"] / loop["peak_memory_mb"])
+                result = results[variant]
+                summary[f"speedup_{variant}_vs_{base_name}"] = (
+                    base["median_s_per_iter"] / result["median_s_per_iter"])
+                summary[f"peak_memory_ratio_{variant}_vs_{base_name}"] = result["peak_memory_mb"] / base["peak_memory_mb"]
                 if device_name == "cpu":
-                    summary[f"cpu_time_ratio_{variant}_vs_loop"] = (
-                        loop["median_cpu_s_per_iter"] / results[variant]["median_cpu_s_per_iter"])
+                    summary[f"cpu_time_ratio_{variant}_vs_{base_name}"] = (
+                        base["median_cpu_s_per_iter"] / result["median_cpu_s_per_iter"])
             print(json.dumps(summary), flush=True)
     return 1 if failed else 0
 

@@ -376,7 +376,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number):
     straight, resumed = final_state(experiments, "straight"), final_state(experiments, "stopped")
     for name, tensor in straight["network"].items():
         assert torch.equal(tensor, resumed["network"][name]), f"{name} differs after the interrupted run"
-    for row, other in zip(straight["experiment"]["epoch_rows"], resumed["experiment"]["epoch_rows"]):
+    for row, other in zip(straight["experiment"]["epoch_rows"], resumed["experiment"]["epoch_rows"], strict=True):
         assert {k: v for k, v in row.items() if k != "epoch_time_s"} == \
             {k: v for k, v in other.items() if k != "epoch_time_s"}
 

@@ -19,6 +19,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from utils.storage import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type or value, or contradicts another key."""
@@ -322,11 +324,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def save_config(config: ExperimentConfig, path: Path) -> None:
-    """Write the resolved config as YAML, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(temporary, path)
+    """Write the resolved config as YAML, atomically (a full disk is a StorageError naming the file)."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def parse_command_line(argv: list[str] | None = None) -> ExperimentConfig:

@@ -46,7 +46,6 @@ class DistributedContext:
     device: torch.device = torch.device("cpu")
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     initialized: bool = False  # whether this context started the process group (and must end it)
 
     @property
@@ -179,8 +178,7 @@ def start(device: torch.device, timeout_s: float) -> DistributedContext:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    return DistributedContext(device=device, rank=rank, world_size=world_size, local_rank=local_rank,
-                              initialized=True)
+    return DistributedContext(device=device, rank=rank, world_size=world_size, initialized=True)
 
 
 @contextmanager

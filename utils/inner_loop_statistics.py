@@ -39,10 +39,6 @@ class InnerLoopStatistics:
     layer_names: list[str]  # the conv weights CxGrad rescales; empty without CxGrad
     gammas: Optional[Tensor]  # [steps, layers, T], or None without CxGrad
 
-    @property
-    def num_tasks(self) -> int:
-        return self.grad_norms.shape[-1]
-
     @staticmethod
     def concatenate(parts: Sequence["InnerLoopStatistics"]) -> "InnerLoopStatistics":
         """The tasks of several inner loops (the chunks of one meta-batch) as one."""
@@ -108,12 +104,13 @@ class InnerLoopStatisticsLog:
         self._start_epoch()
 
     def _start_epoch(self) -> None:
-        self._names: Optional[InnerLoopStatistics] = None
+        self._parameter_names: list[str] = []
+        self._layer_names: list[str] = []
         self._grad_norms = _RunningMoments()
         self._gammas = _RunningMoments()
 
     def add(self, statistics: InnerLoopStatistics) -> None:
-        self._names = statistics
+        self._parameter_names, self._layer_names = statistics.parameter_names, statistics.layer_names
         self._grad_norms.add(statistics.grad_norms)
         if statistics.gammas is not None:
             self._gammas.add(statistics.gammas)
@@ -123,10 +120,10 @@ class InnerLoopStatisticsLog:
         rows = []
         for step, weight in enumerate(query_step_weights):
             rows.append(_row(epoch, step, "query_step_weight", "", float(weight), 0.0))
-        if self._names is not None:
-            rows += _rows(epoch, "grad_norm", self._names.parameter_names, *self._grad_norms.mean_and_std())
-            if self._names.gammas is not None:
-                rows += _rows(epoch, "gamma", self._names.layer_names, *self._gammas.mean_and_std())
+        if self._parameter_names:
+            rows += _rows(epoch, "grad_norm", self._parameter_names, *self._grad_norms.mean_and_std())
+            if self._layer_names:
+                rows += _rows(epoch, "gamma", self._layer_names, *self._gammas.mean_and_std())
         rows.sort(key=lambda row: row["step"])  # step-major, like the inner loop
         self.rows += rows
         write_csv(self.path, self.rows)

@@ -209,12 +209,23 @@ def plot_msl_importance(experiments: list[Experiment], path: Path) -> Path:
 
 
 def print_gradient_norm_summary(experiments: list[Experiment]) -> None:
+    """Per experiment: the last epoch's gradient norm per layer and backbone share (the first epoch's share
+    too), and for CxGrad each conv layer's gamma and gradient norm / gamma (its relative step)."""
     for experiment in experiments:
         epochs, layers = layer_gradient_norms(experiment.inner_loop_rows)
         last = {layer: float(np.nanmean(values[-1])) for layer, values in layers.items()}
+        first = {layer: float(np.nanmean(values[0])) for layer, values in layers.items()}
         norms = "  ".join(f"{layer} {value:.4g}" for layer, value in last.items())
         print(f"{experiment.title}, epoch {int(epochs[-1])}, gradient norm per layer (mean over inner steps): "
-              f"{norms}; backbone share {100 * backbone_share(last):.1f}%")
+              f"{norms}; backbone share {100 * backbone_share(last):.1f}% "
+              f"(epoch {int(epochs[0])}: {100 * backbone_share(first):.1f}%)")
+        _, gammas = pivot(experiment.inner_loop_rows, "gamma")
+        if gammas:
+            last_gamma = {layer_label(name): float(np.nanmean(values[-1])) for name, values in gammas.items()}
+            relative = "  ".join(f"{layer} {gamma:.4g} ({last[layer] / gamma:.3g})"
+                                 for layer, gamma in last_gamma.items())
+            print(f"{experiment.title}, epoch {int(epochs[-1])}, gamma per conv layer (gradient norm / gamma): "
+                  f"{relative}")
 
 
 def plot_experiments(folders: list[Path], out: Optional[Path] = None) -> list[Path]:

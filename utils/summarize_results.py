@@ -21,8 +21,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as `python utils/summarize_results.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml
-
+from utils.config import ConfigError, read_config_file
 from utils.storage import atomic_write_text, write_csv
 
 SUMMARY_FILE = "test_summary.json"
@@ -48,12 +47,10 @@ def method_name(config: dict[str, Any]) -> str:
 
 def read_experiment_config(folder: Path) -> Optional[dict[str, Any]]:
     """The experiment's resolved `config.yaml`, or None when it is missing or unreadable."""
-    path = folder / "config.yaml"
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        return read_config_file(folder / "config.yaml")
+    except (ConfigError, OSError):
         return None
-    return config if isinstance(config, dict) else None
 
 
 def read_epoch_rows(folder: Path) -> list[dict[str, float]]:
