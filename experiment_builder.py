@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -236,6 +237,14 @@ class ExperimentBuilder:
                                            first_train_task=self.distributed.rank * config.batch_size)
         if self.state["normalisation"] is None:
             self.state["normalisation"] = [provider.mean.tolist(), provider.std.tolist()]
+        # The worker threads end with training, also on an error or a signal, instead of preparing batches
+        # nobody will read until the interpreter exits.
+        with closing(provider):
+            return self._run_epochs(provider, inner_loop_log, tensorboard)
+
+    def _run_epochs(self, provider: FewShotDataProvider, inner_loop_log: Optional[InnerLoopStatisticsLog],
+                           tensorboard: Optional[TensorBoardLog]) -> bool:
+        config = self.config
         epochs_run = 0
         while self.state["next_epoch"] < config.total_epochs:
             if epochs_run == config.total_epochs_before_pause:

@@ -100,6 +100,19 @@ class InnerLoopResult:
     statistics: Optional[InnerLoopStatistics] = None  # with log_inner_loop_statistics, in training
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on `device`: any CUDA GPU, or a CPU whose oneDNN has bf16 instructions
+    (AVX512-BF16 or AMX); elsewhere bf16 convolutions are emulated and slower than float32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the query
+        return False
+
+
 def keep_local_gradients(parameters: Iterable[nn.Parameter]) -> None:
     """The gradient reducer of a single process: its gradients already are the meta-gradient."""
 
@@ -143,15 +156,15 @@ class MAMLFewShotClassifier(nn.Module):
         self.gradient_reducer: Callable[[Iterable[nn.Parameter]], None] = keep_local_gradients
 
     def _configure_speed(self, config: ExperimentConfig, device: torch.device) -> None:
-        """GPU options; none of them changes what is computed, only how (and bf16 how precisely)."""
+        """Speed options; none of them changes what is computed, only how (and bf16 how precisely)."""
         if config.channels_last:
             self.classifier.memory_format = torch.channels_last
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = config.cudnn_benchmark
-        self.use_bf16 = config.mixed_precision and device.type == "cuda"
+        self.use_bf16 = config.mixed_precision and has_fast_bf16(device)
         if config.mixed_precision and not self.use_bf16:
-            warnings.warn("mixed_precision applies to CUDA only; this run computes in float32 on the "
-                          f"{device.type}")
+            warnings.warn("mixed_precision needs CUDA or a CPU with bf16 instructions (AVX512-BF16 or AMX), "
+                          f"which this {device.type} lacks; this run computes in float32")
         # A plain function, not a submodule: the compiled wrapper must not appear in the state dict.
         # AOTAutograd has no double backward, so second-order steps keep the eager network.
         self.compiled_classifier: Optional[Callable[..., Tensor]] = None
@@ -170,7 +183,7 @@ class MAMLFewShotClassifier(nn.Module):
             forward = self.compiled_classifier
         if not self.use_bf16:
             return forward(images, params, step)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
             logits = forward(images, params, step)
         return logits.float()
 

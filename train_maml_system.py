@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=N train_maml_system.py --name_of_args_json_file CONFIG   (N GPUs, batch_size per GPU)
 
 Any config key can be overridden: --batch_size 2 --total_epochs 10 --device cpu.
-Exit status: 0 done, 2 an error (printed as "error: ..."), 1 a rank of a torchrun run died or hung,
+Exit status: 0 done, 2 an error (printed as "error: ..."), 1 a rank of a torchrun run died, hung or never joined,
 75 stopped by SIGINT/SIGTERM after saving a resumable checkpoint (rerun with --continue_from_epoch latest).
 """
 from __future__ import annotations
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(f"{prefix}{stop}", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
+    except distributed.DistributedStartError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except distributed.DistributedError as error:
         latest = checkpoint_path(config.experiment_folder / "saved_models", "latest")
         print(f"error: {error}.\nAnother rank has probably died or hangs: see its messages. Checkpoints are "

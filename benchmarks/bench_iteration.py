@@ -8,6 +8,12 @@ Settings (the published CxGrad configs of this repo, second order):
     mini_imagenet  experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json  84x84x3, 48 filters, meta-batch 4,
                                                                                   15 queries per class
 
+The base variant and the first one against it are also timed at "dispatch" shapes: the same config, so the same sequence of operations, on
+16x16 images with 4 filters and 1 query per class, where the arithmetic is negligible and the time is what
+PyTorch spends issuing operations (its dispatcher, autograd, kernel launches). The summary subtracts it to
+bound what batching can reach: `speedup_bound_V_vs_loop` is the loop's time over V's time minus its dispatch
+time, the speed-up V would have if issuing its operations cost nothing (compare with `speedup_V_vs_loop`).
+
 Every (config, device, variant) runs in a fresh subprocess, so its peak memory is its own: peak RSS on the
 CPU (ru_maxrss; `rss_before_mb` is the RSS after building the model, before the first iteration), the
 maximum allocated by PyTorch on CUDA. Each prints one JSON line; then one JSON line per (config, device)
@@ -43,6 +49,8 @@ VARIANTS = {
     # What log_inner_loop_statistics costs (run it with --variants batched batched_statistics).
     "batched_statistics": {"task_batching": "batched", "log_inner_loop_statistics": True},
 }
+# Overrides that keep every operation of an iteration but make its arithmetic negligible (4 stages still fit).
+DISPATCH_SHAPES = {"image_height": 16, "image_width": 16, "cnn_num_filters": 4, "num_target_samples": 1}
 CPU_VARIANTS = ("loop", "batched")
 CUDA_VARIANTS = ("loop", "batched", "batched_channels_last", "batched_bf16", "batched_bf16_channels_last")
 
@@ -71,13 +79,14 @@ def rss_mb() -> float:
 
 
 def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int,
-            profile: bool = False) -> dict:
+            profile: bool = False, dispatch_shapes: bool = False) -> dict:
     """Build the model, run warm-up iterations, then time `iterations` meta-training iterations."""
     import torch
     from few_shot_learning_system import MAMLFewShotClassifier
     from utils.config import load_config
 
-    overrides = {"device": device_name, "show_progress": False, **VARIANTS[variant]}
+    overrides = {"device": device_name, "show_progress": False, **VARIANTS[variant],
+                 **(DISPATCH_SHAPES if dispatch_shapes else {})}
     config = load_config(CONFIGS[config_name], overrides)
     device = torch.device(device_name)
     torch.manual_seed(config.seed)
@@ -109,6 +118,7 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
         print(profiler.key_averages().table(sort_by=sort_by, row_limit=20), file=sys.stderr)
     times, cpu_times = zip(*(one_iteration() for _ in range(iterations)))
     result = {"config": config_name, "device": device_name, "variant": variant,
+              "shapes": "dispatch" if dispatch_shapes else "config",
               "threads": torch.get_num_threads(), "iterations": iterations,
               "median_s_per_iter": statistics.median(times), "min_s_per_iter": min(times),
               "median_cpu_s_per_iter": statistics.median(cpu_times),
@@ -122,15 +132,40 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
     return result
 
 
-def run_setting(config_name: str, device_name: str, variant: str, args) -> dict:
+def run_setting(config_name: str, device_name: str, variant: str, args, dispatch_shapes: bool = False) -> dict:
     command = [sys.executable, __file__, "--worker", config_name, device_name, variant,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    if dispatch_shapes:
+        command.append("--dispatch-shapes")
     environment = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment)
     if completed.returncode != 0:
         return {"config": config_name, "device": device_name, "variant": variant,
                 "error": completed.stderr.strip().splitlines()[-1:]}
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def dispatch_bounds(results: dict, dispatch: dict, base_name: str, device_name: str) -> dict:
+    """Each variant's dispatch time (s/iter at the dispatch shapes) and its share of the real time; on the
+    CPU also the speed-up over `base_name` the variant would reach if dispatching cost nothing.
+
+    On the CPU an operation's arithmetic follows its dispatch, so a variant's real time minus its dispatch
+    time is (about) its arithmetic; when that is at least the base's whole time, no cut in overhead can make
+    the variant faster than the base. On CUDA the GPU computes while the host dispatches, so a share near 1
+    means the iteration is bound by the host (what CUDA graphs remove), and no bound is derived.
+    """
+    base_time = results[base_name]["median_s_per_iter"]
+    bounds = {}
+    for variant, result in results.items():
+        if variant not in dispatch:
+            continue
+        dispatch_time = dispatch[variant]["median_s_per_iter"]
+        bounds[f"dispatch_s_per_iter_{variant}"] = dispatch_time
+        bounds[f"dispatch_share_{variant}"] = dispatch_time / result["median_s_per_iter"]
+        if variant != base_name and device_name == "cpu":
+            arithmetic = max(result["median_s_per_iter"] - dispatch_time, 1e-12)
+            bounds[f"speedup_bound_{variant}_vs_{base_name}"] = base_time / arithmetic
+    return bounds
 
 
 def main(argv=None) -> int:
@@ -147,11 +182,15 @@ def main(argv=None) -> int:
                              "and the bf16 / channels_last variants too on CUDA)")
     parser.add_argument("--profile", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"),
                         help="only this setting, with a torch.profiler table of one iteration (on stderr)")
+    parser.add_argument("--dispatch-shapes", action="store_true",
+                        help="with --profile: time the setting at the dispatch shapes (see above)")
+    parser.add_argument("--no-dispatch", action="store_true",
+                        help="skip the dispatch-shape timings (and the bounds computed from them)")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.profile:
         print(json.dumps(measure(*(args.worker or args.profile), args.iterations, args.warmup,
-                                 profile=bool(args.profile))), flush=True)
+                                 profile=bool(args.profile), dispatch_shapes=args.dispatch_shapes)), flush=True)
         return 0
 
     import torch
@@ -160,11 +199,15 @@ def main(argv=None) -> int:
     for config_name in args.configs:
         for device_name in devices:
             variants = args.variants or (CPU_VARIANTS if device_name == "cpu" else CUDA_VARIANTS)
-            results = {}
+            results, dispatch = {}, {}
             for variant in variants:
                 results[variant] = run_setting(config_name, device_name, variant, args)
                 print(json.dumps(results[variant]), flush=True)
-            if any("error" in result for result in results.values()):
+            if not args.no_dispatch:
+                for variant in variants[:2]:  # the base and the first variant against it
+                    dispatch[variant] = run_setting(config_name, device_name, variant, args, dispatch_shapes=True)
+                    print(json.dumps(dispatch[variant]), flush=True)
+            if any("error" in result for result in [*results.values(), *dispatch.values()]):
                 failed = True
                 continue
             base_name = variants[0]
@@ -178,6 +221,8 @@ def main(argv=None) -> int:
                 if device_name == "cpu":
                     summary[f"cpu_time_ratio_{variant}_vs_{base_name}"] = (
                         base["median_cpu_s_per_iter"] / result["median_cpu_s_per_iter"])
+            if dispatch:
+                summary.update(dispatch_bounds(results, dispatch, base_name, device_name))
             print(json.dumps(summary), flush=True)
     return 1 if failed else 0
 

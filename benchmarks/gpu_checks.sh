@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go (about 8 minutes on one H100/H200):
-#   1. bench_iteration.py on CUDA: per-task loop vs batched (and bf16 + channels_last), both configs;
+#   1. bench_iteration.py on CUDA: per-task loop vs batched (and bf16 + channels_last), both configs, with
+#      the dispatch-shape timings that tell how much of an iteration the host spends issuing operations;
 #   2. the Omniglot CPU-budget configs trained on the GPU, at once: CxGrad float32, CxGrad bf16
 #      (mixed_precision) and MAML float32, all with log_inner_loop_statistics; then the results
 #      table and the MAML-vs-CxGrad gradient-norm plot;
@@ -33,7 +34,7 @@ say "preprocess omniglot"
 
 if [ -z "${SKIP_BENCH:-}" ]; then
     say "bench_iteration (CUDA, nothing else running)"
-    timeout 240 "$python" benchmarks/bench_iteration.py --devices cuda --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
+    timeout 330 "$python" benchmarks/bench_iteration.py --devices cuda --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
 fi
 
 if [ -z "${SKIP_TRAINING:-}" ]; then

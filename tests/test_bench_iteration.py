@@ -17,8 +17,43 @@ def test_command_line_prints_each_setting_and_the_ratios(capsys):
     assert bench_iteration.main(["--configs", "omniglot", "--devices", "cpu", "--threads", "1",
                                  "--iterations", "1", "--warmup", "0"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line.get("variant") for line in lines] == ["loop", "batched", None]
-    assert all(line["threads"] == 1 for line in lines[:2])
-    summary = lines[2]
+    assert [(line.get("variant"), line.get("shapes")) for line in lines] == [
+        ("loop", "config"), ("batched", "config"), ("loop", "dispatch"), ("batched", "dispatch"), (None, None)]
+    assert all(line["threads"] == 1 for line in lines[:4])
+    summary = lines[4]
     assert summary["speedup_batched_vs_loop"] == lines[0]["median_s_per_iter"] / lines[1]["median_s_per_iter"]
     assert summary["peak_memory_ratio_batched_vs_loop"] > 0 and summary["cpu_time_ratio_batched_vs_loop"] > 0
+    assert summary["dispatch_s_per_iter_loop"] == lines[2]["median_s_per_iter"]
+    assert summary["dispatch_share_batched"] == lines[3]["median_s_per_iter"] / lines[1]["median_s_per_iter"]
+    arithmetic = lines[1]["median_s_per_iter"] - lines[3]["median_s_per_iter"]
+    assert summary["speedup_bound_batched_vs_loop"] == lines[0]["median_s_per_iter"] / max(arithmetic, 1e-12)
+
+
+def test_dispatch_shapes_keep_the_operations_and_shrink_the_arithmetic():
+    """The dispatch setting must run the same operations as the config (same steps, tasks, stages, order),
+    only on tensors small enough that their arithmetic is negligible."""
+    from torch.profiler import profile
+
+    def operations(dispatch_shapes):
+        with profile() as profiler:
+            result = bench_iteration.measure("omniglot", "cpu", "batched", iterations=1, warmup=0,
+                                             dispatch_shapes=dispatch_shapes)
+        names = [event.name for event in profiler.events() if event.name.startswith("aten::")]
+        return result, names
+
+    real, real_names = operations(False)
+    dispatch, dispatch_names = operations(True)
+    assert dispatch["shapes"] == "dispatch" and real["shapes"] == "config"
+    assert dispatch["second_order"] is real["second_order"] and dispatch["meta_batch"] == real["meta_batch"]
+    # Kernel choices may differ with the shapes; the operations issued by the meta-learner may not.
+    assert abs(len(dispatch_names) - len(real_names)) <= 0.02 * len(real_names)  # 16637 vs 16732 here
+
+
+def test_dispatch_bounds_on_the_cpu_and_cuda():
+    results = {"loop": {"median_s_per_iter": 1.0}, "batched": {"median_s_per_iter": 0.8}}
+    dispatch = {"loop": {"median_s_per_iter": 0.3}, "batched": {"median_s_per_iter": 0.1}}
+    cpu = bench_iteration.dispatch_bounds(results, dispatch, "loop", "cpu")
+    assert cpu["speedup_bound_batched_vs_loop"] == 1.0 / (0.8 - 0.1)
+    assert cpu["dispatch_share_loop"] == 0.3 and cpu["dispatch_share_batched"] == 0.1 / 0.8
+    cuda = bench_iteration.dispatch_bounds(results, dispatch, "loop", "cuda")
+    assert "speedup_bound_batched_vs_loop" not in cuda and cuda["dispatch_s_per_iter_batched"] == 0.1

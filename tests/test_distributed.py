@@ -163,6 +163,24 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_message_and_a_valid_checkpoi
     assert not list((tmp_path / "dies").rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("rank", [0, 1], ids=["server_alone", "no_server"])
+def test_a_rank_that_finds_no_peers_says_so_without_a_traceback(toy_datasets, tmp_path, rank):
+    """Rank 0 waits for a rank 1 that never comes; rank 1 finds no rank 0 at MASTER_ADDR:MASTER_PORT."""
+    overrides = tiny_overrides(toy_datasets, tmp_path, experiment_name="alone", distributed_timeout_s=2, **RUN)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "train_maml_system.py", *command_line(overrides)], cwd=REPO, capture_output=True,
+        text=True, timeout=120, env=dict(ENVIRONMENT, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    assert done.returncode == 1
+    # (c10d may log a line of its own first.)
+    assert f"\nerror: rank {rank} of 2 could not join the process group at 127.0.0.1:{port}" in "\n" + done.stderr
+    assert "torchrun --nproc_per_node=N" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "alone").exists()  # nothing was written
+
+
 def test_torchrun_with_one_process_is_the_plain_run(one_process_run, toy_datasets, experiments):
     reference_weights, reference_rows, reference_summary = one_process_run
     overrides = tiny_overrides(toy_datasets, experiments, experiment_name="torchrun_one",

@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,24 @@ def test_continue_from_a_given_epoch_and_refusals(tiny_config):
         ExperimentBuilder(tiny_config(total_epochs=2, continue_from_epoch="from_scratch"))._resume()
     with pytest.raises(CheckpointError, match="cnn_num_filters"):
         ExperimentBuilder(tiny_config(total_epochs=2, cnn_num_filters=4))._resume()
+
+
+def test_training_ends_its_loader_threads_also_when_it_fails(tiny_config, monkeypatch):
+    def loader_threads():
+        return [thread for thread in threading.enumerate() if thread.name.startswith("ThreadPoolExecutor")]
+
+    already_running = set(loader_threads())
+    builder = ExperimentBuilder(tiny_config(num_dataprovider_workers=2, total_epochs=1))
+    builder.train()
+    assert set(loader_threads()) == already_running
+
+    failing = ExperimentBuilder(tiny_config(num_dataprovider_workers=2, total_epochs=1, experiment_name="fails"))
+    def fail(*args, **kwargs):
+        raise RuntimeError("a failing iteration")
+    monkeypatch.setattr(failing.model, "run_train_iter", fail)
+    with pytest.raises(RuntimeError, match="a failing iteration"):
+        failing.train()
+    assert set(loader_threads()) == already_running
 
 
 def test_batched_and_loop_training_give_the_same_run(tiny_config):

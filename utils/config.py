@@ -126,7 +126,7 @@ class ExperimentConfig:
     # --- speed ----------------------------------------------------------------------------
     task_batching: str = _field(
         "batched", "compute all tasks of a meta-batch at once, or one after another", choices=("batched", "loop"))
-    mixed_precision: bool = _field(False, "bf16 autocast of the network's forward passes (CUDA only)")
+    mixed_precision: bool = _field(False, "bf16 autocast of the network's forward passes (CUDA, or a CPU with AVX512-BF16/AMX)")
     channels_last: bool = _field(False, "channels_last memory format for the convolutions (helps on CUDA)")
     cudnn_benchmark: bool = _field(True, "let cuDNN pick the fastest convolution algorithms (CUDA)")
     compile_backbone: bool = _field(

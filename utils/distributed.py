@@ -39,6 +39,10 @@ class DistributedError(RuntimeError):
     """A collective failed: another rank died or hangs (past `distributed_timeout_s`), or the network broke."""
 
 
+class DistributedStartError(DistributedError):
+    """The ranks never formed a process group: a rank is missing, or MASTER_ADDR/PORT cannot be reached."""
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     """This process's place in the run. The default is a single process (rank 0 of 1)."""
@@ -177,7 +181,16 @@ def start(device: torch.device, timeout_s: float) -> DistributedContext:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as error:  # DistStoreError, DistNetworkError; ValueError: a bad address
+        address = f"{os.environ.get('MASTER_ADDR', '(MASTER_ADDR unset)')}:{os.environ.get('MASTER_PORT', '(MASTER_PORT unset)')}"
+        raise DistributedStartError(
+            f"rank {rank} of {world_size} could not join the process group at {address} "
+            f"({type(error).__name__}: {error}). Nothing was trained or written. Start all ranks with one "
+            f"torchrun command (torchrun --nproc_per_node=N train_maml_system.py ...); across machines give "
+            f"every one the same --master_addr/--master_port, reachable from all of them, and the same "
+            f"--nnodes") from None
     return DistributedContext(device=device, rank=rank, world_size=world_size, initialized=True)
 
 
