@@ -11,8 +11,10 @@ Settings (the published CxGrad configs of this repo, second order):
 The base variant and the first one against it are also timed at "dispatch" shapes: the same config, so the same sequence of operations, on
 16x16 images with 4 filters and 1 query per class, where the arithmetic is negligible and the time is what
 PyTorch spends issuing operations (its dispatcher, autograd, kernel launches). The summary subtracts it to
-bound what batching can reach: `speedup_bound_V_vs_loop` is the loop's time over V's time minus its dispatch
-time, the speed-up V would have if issuing its operations cost nothing (compare with `speedup_V_vs_loop`).
+bound what batching can reach on the CPU: `speedup_bound_ideal_vs_loop` is the loop's time over the loop's
+arithmetic (its time minus its dispatch time), what any batching of the same arithmetic could reach, and
+`speedup_bound_V_vs_loop` the loop's time over V's arithmetic, what V would reach if issuing its operations
+cost nothing (compare both with the measured `speedup_V_vs_loop`).
 
 Every (config, device, variant) runs in a fresh subprocess, so its peak memory is its own: peak RSS on the
 CPU (ru_maxrss; `rss_before_mb` is the RSS after building the model, before the first iteration), the
@@ -79,8 +81,11 @@ def rss_mb() -> float:
 
 
 def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int,
-            profile: bool = False, dispatch_shapes: bool = False) -> dict:
-    """Build the model, run warm-up iterations, then time `iterations` meta-training iterations."""
+            profile: bool = False, dispatch_shapes: bool = False, count_operations: bool | None = None) -> dict:
+    """Build the model, run warm-up iterations, then time `iterations` meta-training iterations.
+
+    `count_operations` (default: at the dispatch shapes) adds the aten calls of one more iteration.
+    """
     import torch
     from few_shot_learning_system import MAMLFewShotClassifier
     from utils.config import load_config
@@ -117,12 +122,20 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
         sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort_by, row_limit=20), file=sys.stderr)
     times, cpu_times = zip(*(one_iteration() for _ in range(iterations)))
+    aten_calls = None
+    if dispatch_shapes if count_operations is None else count_operations:
+        # What the host issues: every aten operator call of one iteration, nested ones too.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            one_iteration()
+        aten_calls = sum(1 for event in profiler.events() if event.name.startswith("aten::"))
     result = {"config": config_name, "device": device_name, "variant": variant,
               "shapes": "dispatch" if dispatch_shapes else "config",
               "threads": torch.get_num_threads(), "iterations": iterations,
               "median_s_per_iter": statistics.median(times), "min_s_per_iter": min(times),
               "median_cpu_s_per_iter": statistics.median(cpu_times),
               "second_order": model.use_second_order(0), "meta_batch": config.batch_size}
+    if aten_calls is not None:
+        result["aten_calls_per_iter"] = aten_calls
     if cuda:
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
@@ -147,7 +160,9 @@ def run_setting(config_name: str, device_name: str, variant: str, args, dispatch
 
 def dispatch_bounds(results: dict, dispatch: dict, base_name: str, device_name: str) -> dict:
     """Each variant's dispatch time (s/iter at the dispatch shapes) and its share of the real time; on the
-    CPU also the speed-up over `base_name` the variant would reach if dispatching cost nothing.
+    CPU also two bounds on the speed-up over `base_name`: `speedup_bound_ideal` for a batching that issued
+    nothing at all and computed the base's arithmetic as fast as the base does, and `speedup_bound_V` for
+    variant V if its own dispatching cost nothing.
 
     On the CPU an operation's arithmetic follows its dispatch, so a variant's real time minus its dispatch
     time is (about) its arithmetic; when that is at least the base's whole time, no cut in overhead can make
@@ -156,12 +171,19 @@ def dispatch_bounds(results: dict, dispatch: dict, base_name: str, device_name: 
     """
     base_time = results[base_name]["median_s_per_iter"]
     bounds = {}
+    if device_name == "cpu" and base_name in dispatch:
+        # Any batching that keeps the base's arithmetic (and its speed per element) and issues nothing.
+        arithmetic = max(base_time - dispatch[base_name]["median_s_per_iter"], 1e-12)
+        bounds[f"speedup_bound_ideal_vs_{base_name}"] = base_time / arithmetic
     for variant, result in results.items():
         if variant not in dispatch:
             continue
         dispatch_time = dispatch[variant]["median_s_per_iter"]
         bounds[f"dispatch_s_per_iter_{variant}"] = dispatch_time
         bounds[f"dispatch_share_{variant}"] = dispatch_time / result["median_s_per_iter"]
+        if variant != base_name and "aten_calls_per_iter" in dispatch[variant]:
+            bounds[f"aten_call_ratio_{variant}_vs_{base_name}"] = (
+                dispatch[base_name]["aten_calls_per_iter"] / dispatch[variant]["aten_calls_per_iter"])
         if variant != base_name and device_name == "cpu":
             arithmetic = max(result["median_s_per_iter"] - dispatch_time, 1e-12)
             bounds[f"speedup_bound_{variant}_vs_{base_name}"] = base_time / arithmetic
