@@ -53,6 +53,11 @@ def tiny_overrides(datasets_dir: Path, experiments_dir: Path, **extra) -> dict:
     return overrides
 
 
+def command_line(overrides: dict) -> list[str]:
+    """Config overrides as the training script's arguments: {"batch_size": 2} -> ["--batch_size", "2"]."""
+    return [token for key, value in overrides.items() for token in (f"--{key}", str(value))]
+
+
 @pytest.fixture
 def tiny_config(toy_datasets, tmp_path):
     """A factory: tiny_config(contextual_grad=True, ...) -> a validated config for the toy dataset."""

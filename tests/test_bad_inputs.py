@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import utils.storage as storage
-from conftest import make_toy_dataset, tiny_overrides
+from conftest import command_line, make_toy_dataset, tiny_overrides
 from experiment_builder import ExperimentBuilder
 from preprocess.archives import PreprocessError, safe_extract
 from train_maml_system import main
@@ -75,9 +75,7 @@ def overrides(datasets: Path, experiments: Path, **extra) -> dict:
 
 
 def run_cli(capsys, datasets: Path, experiments: Path, **extra) -> tuple[int, str]:
-    argv = [token for key, value in overrides(datasets, experiments, **extra).items()
-            for token in (f"--{key}", str(value))]
-    code = main(argv)
+    code = main(command_line(overrides(datasets, experiments, **extra)))
     return code, capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import command_line, tiny_overrides
 from data import FewShotDataProvider
 from experiment_builder import ExperimentBuilder
 from utils.config import load_config
@@ -43,8 +43,20 @@ def torchrun(nproc: int, *arguments: str) -> subprocess.CompletedProcess:
     return done
 
 
-def command_line(overrides: dict) -> list[str]:
-    return [token for key, value in overrides.items() for token in (f"--{key}", str(value))]
+def rank_environments(world_size: int) -> list[dict[str, str]]:
+    """What torchrun would set for each rank of a run started by hand (so one rank can die or be
+    signalled alone), with a free port of this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [dict(ENVIRONMENT, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for rank in range(world_size)]
+
+
+def start_ranks(script: list[str], overrides: dict) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, *script, *command_line(overrides)], cwd=REPO, env=environment,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for environment in rank_environments(RANKS)]
 
 
 def weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,14 +153,7 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_message_and_a_valid_checkpoi
     """Two ranks started by hand (torchrun would stop the survivor at once): rank 1 dies in epoch 1."""
     overrides = tiny_overrides(toy_datasets, tmp_path, experiment_name="dies", batch_size=TASKS_PER_RANK,
                                distributed_timeout_s=60, **RUN)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ranks = [subprocess.Popen(
-        [sys.executable, "tests/distributed_worker.py", "die_in_epoch", "1", *command_line(overrides)], cwd=REPO,
-        env=dict(ENVIRONMENT, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(RANKS)]
+    ranks = start_ranks(["tests/distributed_worker.py", "die_in_epoch", "1"], overrides)
     try:
         survivor_errors = [rank.communicate(timeout=240)[1] for rank in ranks][0]
     finally:
@@ -167,13 +172,10 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_message_and_a_valid_checkpoi
 def test_a_rank_that_finds_no_peers_says_so_without_a_traceback(toy_datasets, tmp_path, rank):
     """Rank 0 waits for a rank 1 that never comes; rank 1 finds no rank 0 at MASTER_ADDR:MASTER_PORT."""
     overrides = tiny_overrides(toy_datasets, tmp_path, experiment_name="alone", distributed_timeout_s=2, **RUN)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    done = subprocess.run(
-        [sys.executable, "train_maml_system.py", *command_line(overrides)], cwd=REPO, capture_output=True,
-        text=True, timeout=120, env=dict(ENVIRONMENT, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    environment = rank_environments(2)[rank]  # the other rank is never started
+    port = environment["MASTER_PORT"]
+    done = subprocess.run([sys.executable, "train_maml_system.py", *command_line(overrides)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=environment)
     assert done.returncode == 1
     # (c10d may log a line of its own first.)
     assert f"\nerror: rank {rank} of 2 could not join the process group at 127.0.0.1:{port}" in "\n" + done.stderr
@@ -212,14 +214,7 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_iteration_and_resumes_ex
     torchrun(RANKS, "train_maml_system.py", *command_line(uninterrupted))
 
     overrides = dict(uninterrupted, experiment_name="signalled")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ranks = [subprocess.Popen(
-        [sys.executable, "train_maml_system.py", *command_line(overrides)], cwd=REPO,
-        env=dict(ENVIRONMENT, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(RANKS),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(RANKS)]
+    ranks = start_ranks(["train_maml_system.py"], overrides)
     try:
         for line in ranks[0].stdout:
             if line.startswith("Training from epoch 0"):
