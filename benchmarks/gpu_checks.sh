@@ -5,7 +5,7 @@
 #   2. the Omniglot CPU-budget configs trained on the GPU, at once: CxGrad float32, CxGrad bf16
 #      (mixed_precision) and MAML float32, all with log_inner_loop_statistics; then the results
 #      table and the MAML-vs-CxGrad gradient-norm plot;
-#   3. plain `python train_maml_system.py` vs `torchrun --nproc_per_node=1` on a short run.
+#   3. plain `python train_maml_system.py` twice vs `torchrun --nproc_per_node=1` on a short run.
 # Usage: OMNIGLOT_ZIPS=DIR bash benchmarks/gpu_checks.sh OUT_DIR
 # SKIP_BENCH=1 / SKIP_TRAINING=1 leave out part 1 / part 2. A quick dry run of the script on a CPU machine:
 #   DEVICE=cpu SKIP_BENCH=1 EXTRA_ARGS="--total_epochs 1 --total_iter_per_epoch 3 --num_evaluation_tasks 16" \
@@ -57,14 +57,18 @@ grep -h "^epoch" "$out"/omniglot_*.log >> "$out/epochs.txt"
 fi
 
 if [ -f utils/distributed.py ]; then
-    say "plain run vs torchrun --nproc_per_node=1"
+    # A second plain run tells whether the GPU itself repeats a run (cuDNN autotuning may pick other,
+    # non-deterministic kernels): if plain and plain2 differ as much as plain and torchrun1, the
+    # difference is the GPU's, not torchrun's.
+    say "plain run (twice) vs torchrun --nproc_per_node=1"
     short=(--name_of_args_json_file "$config_dir/CxGrad_4conv_cpu.yaml" --experiments_dir "$experiments" --device "$device"
            --show_progress false --total_epochs 1 --total_iter_per_epoch 300 --num_evaluation_tasks 200
            --max_models_to_save 1 "${extra[@]}")
     timeout 120 "$python" train_maml_system.py "${short[@]}" --experiment_name plain > "$out/plain.log" 2>&1
+    timeout 120 "$python" train_maml_system.py "${short[@]}" --experiment_name plain2 > "$out/plain2.log" 2>&1
     timeout 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 train_maml_system.py "${short[@]}" \
         --experiment_name torchrun1 > "$out/torchrun1.log" 2>&1
-    grep -h -E "^epoch|Ensemble" "$out/plain.log" "$out/torchrun1.log" | tee -a "$summary"
+    grep -H -E "^epoch|Ensemble" "$out/plain.log" "$out/plain2.log" "$out/torchrun1.log" | tee -a "$summary"
 fi
 
 say "collect"
