@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from preprocess.images import DECODE_ERRORS
 from utils.storage import atomic_write_text, exclusive_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -104,10 +105,6 @@ def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     return array.reshape(height, width, channels)
 
 
-# What Pillow raises for a truncated, corrupt or non-image file (IsADirectoryError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
 def _load_cache(array_path: Path, index_path: Path, manifest_text: str, shape: tuple[int, int, int],
                 in_memory: bool) -> Optional[ImageSplit]:
     """The cached split, or None when there is no cache, it belongs to another build, or it is damaged."""
@@ -185,7 +182,7 @@ def _decode_into_cache(folder: Path, split_folder: Path, shape: tuple[int, int, 
             for path in files:
                 try:
                     images[position] = _decode(path, shape)
-                except _DECODE_ERRORS as error:
+                except DECODE_ERRORS as error:
                     raise DatasetError(
                         f"cannot read image {path}: {error}. Rebuild the dataset with: python "
                         f"preprocess/preprocess.py --datasets {folder.name} --dest {folder.parent} --force") from None

@@ -298,10 +298,7 @@ class ExperimentBuilder:
     def _end_epoch(self, provider: FewShotDataProvider, epoch: int, started: float,
                    inner_loop_log: Optional[InnerLoopStatisticsLog], tensorboard: Optional[TensorBoardLog]) -> None:
         """Validate, step the schedule, record the epoch's row, save its checkpoints and logs."""
-        progress = self.state["epoch_progress"]
-        # Per iteration, the mean over the ranks is the mean over the whole meta-batch.
-        losses, accuracies = self.distributed.average_over_ranks(
-            np.array([progress["losses"], progress["accuracies"]]))
+        losses, accuracies = self._progress_over_ranks()
         validation = self.evaluate(provider, "val")
         learning_rate = self.model.optimizer.param_groups[0]["lr"]
         self.model.scheduler.step()
@@ -313,7 +310,7 @@ class ExperimentBuilder:
                "val_accuracy_mean": float(validation["accuracy"].mean()),
                "val_accuracy_std": float(validation["accuracy"].std()),
                "meta_learning_rate": learning_rate, "epoch_time_s": time.time() - started,
-               "nonfinite_iterations_skipped": progress["skipped"]}
+               "nonfinite_iterations_skipped": self.state["epoch_progress"]["skipped"]}
         self.state["epoch_rows"].append(row)
         self.state["next_epoch"] = epoch + 1
         self.state["epoch_progress"] = fresh_epoch_progress()
@@ -349,14 +346,20 @@ class ExperimentBuilder:
             self.stop.signal_name = "a signal to another rank"
         return self.stop.requested
 
+    def _progress_over_ranks(self) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's per-iteration losses and accuracies, each the mean over the ranks, which is the
+        mean over the whole meta-batch (values already averaged, after a resume, stay as they are)."""
+        progress = self.state["epoch_progress"]
+        losses, accuracies = self.distributed.average_over_ranks(
+            np.array([progress["losses"], progress["accuracies"]]))
+        return losses, accuracies
+
     def _stop_mid_epoch(self, iteration: int, epoch: int) -> None:
         """Save where this epoch stands (only `train_model_latest`: epoch checkpoints stay whole epochs)."""
         path = checkpoint_path(self.models_folder, "latest")
         progress = self.state["epoch_progress"]
         # The checkpoint carries the mean over the ranks of each iteration's metrics, as an epoch's row does.
-        progress["losses"], progress["accuracies"] = (
-            values.tolist() for values in self.distributed.average_over_ranks(
-                np.array([progress["losses"], progress["accuracies"]])))
+        progress["losses"], progress["accuracies"] = (values.tolist() for values in self._progress_over_ranks())
         if self.distributed.is_main:
             save_checkpoint(self._checkpoint_state(), path)
         self.distributed.barrier()

@@ -170,7 +170,7 @@ class MAMLFewShotClassifier(nn.Module):
         self.compiled_classifier: Optional[Callable[..., Tensor]] = None
         if config.compile_backbone:
             functorch_config = getattr(torch._functorch, "config", None)
-            if hasattr(functorch_config, "donated_buffer"):
+            if config.contextual_grad and hasattr(functorch_config, "donated_buffer"):
                 # CxGrad back-propagates twice through a first-order step (retain_graph), which
                 # compiled backward passes allow only without donated buffers.
                 functorch_config.donated_buffer = False
@@ -295,14 +295,15 @@ class MAMLFewShotClassifier(nn.Module):
             if result.statistics is not None:
                 statistics.append(result.statistics)
         all_losses = torch.cat(losses)
+        trained = [p for p in self.parameters() if p.grad is not None]
         # A non-finite loss poisons the gradients, so the reduced gradients alone tell every rank alike
         # whether this update is finite; one NaN/inf step would make every weight and Adam moment NaN for
         # good, so such an update is skipped (utils/nonfinite.py).
-        poison_gradients_if_nonfinite(all_losses, self.parameters())
-        self.gradient_reducer(self.parameters())
+        poison_gradients_if_nonfinite(all_losses, trained)
+        self.gradient_reducer(trained)
         # One host sync per iteration reads the metrics and the finiteness probe (under torchrun the
         # experiment builder adds one small all-reduce of the stop request).
-        probe = finiteness_probe(self.parameters()).to(all_losses.device)
+        probe = finiteness_probe(trained).to(all_losses.device)
         loss, accuracy, probe = torch.stack([all_losses.mean(), torch.cat(correct).mean(), probe]).tolist()
         skipped = not math.isfinite(probe)
         if not skipped:
@@ -315,6 +316,7 @@ class MAMLFewShotClassifier(nn.Module):
     def run_validation_iter(self, task: TaskBatch) -> dict[str, Tensor]:
         """Adapt (first order) and predict the queries; per-task losses, accuracies, probabilities and labels."""
         self.eval()
+        labels = task.query_labels  # as the caller has them (on the CPU from the loader): no copy back
         task = task.to(self.device)
         steps = self.config.number_of_evaluation_steps_per_iter
         losses, accuracies, probabilities = [], [], []
@@ -326,4 +328,4 @@ class MAMLFewShotClassifier(nn.Module):
             accuracies.append((logits.argmax(-1) == chunk.query_labels).float().mean(dim=1))
             probabilities.append(logits.softmax(dim=-1))
         return {"loss": torch.cat(losses).cpu(), "accuracy": torch.cat(accuracies).cpu(),
-                "probabilities": torch.cat(probabilities).cpu(), "labels": task.query_labels.cpu()}
+                "probabilities": torch.cat(probabilities).cpu(), "labels": labels.cpu()}

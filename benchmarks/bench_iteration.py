@@ -81,10 +81,10 @@ def rss_mb() -> float:
 
 
 def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int,
-            profile: bool = False, dispatch_shapes: bool = False, count_operations: bool | None = None) -> dict:
+            profile: bool = False, dispatch_shapes: bool = False, count_operations: bool = False) -> dict:
     """Build the model, run warm-up iterations, then time `iterations` meta-training iterations.
 
-    `count_operations` (default: at the dispatch shapes) adds the aten calls of one more iteration.
+    `count_operations` (always at the dispatch shapes) adds the aten calls of one more iteration.
     """
     import torch
     from few_shot_learning_system import MAMLFewShotClassifier
@@ -123,7 +123,7 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
         print(profiler.key_averages().table(sort_by=sort_by, row_limit=20), file=sys.stderr)
     times, cpu_times = zip(*(one_iteration() for _ in range(iterations)))
     aten_calls = None
-    if dispatch_shapes if count_operations is None else count_operations:
+    if count_operations or dispatch_shapes:
         # What the host issues: every aten operator call of one iteration, nested ones too.
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             one_iteration()

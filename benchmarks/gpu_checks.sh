@@ -56,20 +56,18 @@ grep -h "^epoch" "$out"/omniglot_*.log >> "$out/epochs.txt"
     --out "$out/plots" 2>&1 | tee -a "$summary"
 fi
 
-if [ -f utils/distributed.py ]; then
-    # A second plain run tells whether the GPU itself repeats a run (cuDNN autotuning may pick other,
-    # non-deterministic kernels): if plain and plain2 differ as much as plain and torchrun1, the
-    # difference is the GPU's, not torchrun's.
-    say "plain run (twice) vs torchrun --nproc_per_node=1"
-    short=(--name_of_args_json_file "$config_dir/CxGrad_4conv_cpu.yaml" --experiments_dir "$experiments" --device "$device"
-           --show_progress false --total_epochs 1 --total_iter_per_epoch 300 --num_evaluation_tasks 200
-           --max_models_to_save 1 "${extra[@]}")
-    timeout 120 "$python" train_maml_system.py "${short[@]}" --experiment_name plain > "$out/plain.log" 2>&1
-    timeout 120 "$python" train_maml_system.py "${short[@]}" --experiment_name plain2 > "$out/plain2.log" 2>&1
-    timeout 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 train_maml_system.py "${short[@]}" \
-        --experiment_name torchrun1 > "$out/torchrun1.log" 2>&1
-    grep -H -E "^epoch|Ensemble" "$out/plain.log" "$out/plain2.log" "$out/torchrun1.log" | tee -a "$summary"
-fi
+# A second plain run tells whether the GPU itself repeats a run (cuDNN autotuning may pick other,
+# non-deterministic kernels): if plain and plain2 differ as much as plain and torchrun1, the
+# difference is the GPU's, not torchrun's.
+say "plain run (twice) vs torchrun --nproc_per_node=1"
+short=(--name_of_args_json_file "$config_dir/CxGrad_4conv_cpu.yaml" --experiments_dir "$experiments" --device "$device"
+       --show_progress false --total_epochs 1 --total_iter_per_epoch 300 --num_evaluation_tasks 200
+       --max_models_to_save 1 "${extra[@]}")
+timeout 120 "$python" train_maml_system.py "${short[@]}" --experiment_name plain > "$out/plain.log" 2>&1
+timeout 120 "$python" train_maml_system.py "${short[@]}" --experiment_name plain2 > "$out/plain2.log" 2>&1
+timeout 120 "$python" -m torch.distributed.run --standalone --nproc_per_node=1 train_maml_system.py "${short[@]}" \
+    --experiment_name torchrun1 > "$out/torchrun1.log" 2>&1
+grep -H -E "^epoch|Ensemble" "$out/plain.log" "$out/plain2.log" "$out/torchrun1.log" | tee -a "$summary"
 
 say "collect"
 tar -C "$work" --exclude=saved_models --exclude=tensorboard -czf "$out/experiments_logs.tar.gz" experiments

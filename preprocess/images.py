@@ -25,14 +25,15 @@ from PIL import Image
 
 from preprocess.archives import PreprocessError
 
-# Suffixes of the files `_convert_class` writes, which are the ones counted as images.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# Suffixes of the files `_convert_class` writes, which are the ones counted as images in the manifest (the
+# loader, data.IMAGE_SUFFIXES, also reads formats a hand-made dataset folder may hold).
+OUTPUT_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 # A file is copied unchanged only if its suffix names its real format, so the training code
 # (which selects files by suffix) reads every output file.
 _COPYABLE_SUFFIXES = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg")}
 # What Pillow raises for unreadable, truncated or absurdly large files, and IsADirectoryError
 # (an OSError) for a folder where an image should be.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat
     for path in sorted(source_dir.iterdir()):
         try:
             converted = _decode(path, image_format)
-        except _DECODE_ERRORS as error:
+        except DECODE_ERRORS as error:
             bad_images.handle(path, error)
             continue
         # Writing stays outside the try: a full disk must not be mistaken for a bad image.

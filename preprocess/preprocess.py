@@ -60,7 +60,7 @@ if __name__ == "__main__":
 
 from preprocess import imagenet_style, omniglot, synthetic_glyphs  # noqa: E402
 from preprocess.archives import PreprocessError, sha256_file  # noqa: E402
-from preprocess.images import IMAGE_SUFFIXES  # noqa: E402
+from preprocess.images import OUTPUT_SUFFIXES  # noqa: E402
 from utils.storage import exclusive_lock  # noqa: E402
 
 __all__ = ["DATASET_RECIPES", "FORMAT_VERSION", "MANIFEST_NAME", "PreprocessError", "SPLITS", "check_dataset_names",
@@ -68,7 +68,7 @@ __all__ = ["DATASET_RECIPES", "FORMAT_VERSION", "MANIFEST_NAME", "PreprocessErro
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val", "test")
+SPLITS = imagenet_style.SPLITS
 NO_DOWNLOAD_ENV_VAR = "FSL_NO_DOWNLOAD"
 
 
@@ -176,7 +176,7 @@ def _count_splits(dataset_dir: Path) -> dict[str, dict[str, int]]:
     for split in SPLITS:
         class_dirs = [entry for entry in (dataset_dir / split).iterdir() if entry.is_dir()]
         images = sum(1 for class_dir in class_dirs for entry in class_dir.iterdir()
-                     if entry.suffix.lower() in IMAGE_SUFFIXES)
+                     if entry.suffix.lower() in OUTPUT_SUFFIXES)
         counts[split] = {"classes": len(class_dirs), "images": images}
     return counts
 

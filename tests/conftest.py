@@ -1,9 +1,13 @@
 """Shared fixtures: a tiny dataset on disk and a tiny, fast config for the training system."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import stat
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,30 @@ def tiny_overrides(datasets_dir: Path, experiments_dir: Path, **extra) -> dict:
         device="cpu")
     overrides.update(extra)
     return overrides
+
+
+def write_archive(path: Path, members: list[tuple[str, str, str]]) -> None:
+    """Write a zip or tar with members (name, kind, payload); kind: file | symlink | hardlink | chardev."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, kind, payload in members:
+                info = zipfile.ZipInfo(name)
+                mode = {"file": stat.S_IFREG | 0o644, "symlink": stat.S_IFLNK | 0o777,
+                        "chardev": stat.S_IFCHR | 0o644}[kind]
+                info.external_attr = mode << 16
+                zf.writestr(info, payload)
+        return
+    with tarfile.open(path, "w:" + {".tar": "", ".gz": "gz", ".tgz": "gz", ".bz2": "bz2"}[path.suffix]) as tar:
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                data = payload.encode()
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE}[kind]
+            info.linkname = payload
+            tar.addfile(info)
 
 
 def command_line(overrides: dict) -> list[str]:

@@ -29,11 +29,11 @@ def gradients(overrides_json: str, output: str) -> None:
         builder = ExperimentBuilder(config, context)
         provider = FewShotDataProvider(config, splits=("train",), first_train_task=context.rank * config.batch_size)
         model = builder.model
-        average_over_ranks = model.gradient_reducer  # what the builder installed
+        average_gradients = model.gradient_reducer  # what the builder installed
         reduced = {}
 
         def reduce_and_keep(parameters):
-            average_over_ranks(parameters)
+            average_gradients(parameters)
             reduced.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
 
         model.gradient_reducer = reduce_and_keep

@@ -14,10 +14,8 @@ import json
 import os
 import random
 import shutil
-import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.error
@@ -30,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_archive
 from preprocess import omniglot, synthetic_glyphs
 from preprocess.archives import PreprocessError, safe_extract, sha256_file
 from preprocess.preprocess import DATASET_RECIPES, FORMAT_VERSION, SPLITS, prepare_dataset, read_manifest
@@ -320,30 +319,6 @@ def test_download_goes_to_raw_folder(tmp_path: Path, monkeypatch: pytest.MonkeyP
 # archives
 # ---------------------------------------------------------------------------------------
 
-def _write_archive(path: Path, members: list[tuple[str, str, str]]) -> None:
-    """Write a zip or tar with members (name, kind, payload); kind: file | symlink | hardlink | chardev."""
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path, "w") as zf:
-            for name, kind, payload in members:
-                info = zipfile.ZipInfo(name)
-                mode = {"file": stat.S_IFREG | 0o644, "symlink": stat.S_IFLNK | 0o777,
-                        "chardev": stat.S_IFCHR | 0o644}[kind]
-                info.external_attr = mode << 16
-                zf.writestr(info, payload)
-        return
-    with tarfile.open(path, "w:" + {".tar": "", ".gz": "gz", ".tgz": "gz", ".bz2": "bz2"}[path.suffix]) as tar:
-        for name, kind, payload in members:
-            info = tarfile.TarInfo(name)
-            if kind == "file":
-                data = payload.encode()
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-                continue
-            info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE}[kind]
-            info.linkname = payload
-            tar.addfile(info)
-
-
 MALICIOUS_MEMBERS = {
     "dotdot": [("ok.txt", "file", "fine"), ("../evil.txt", "file", "evil")],
     "absolute": [("ABSOLUTE", "file", "evil")],
@@ -364,7 +339,7 @@ def test_safe_extract_refuses_malicious_members(tmp_path: Path, suffix: str, cas
     members = [(str(absolute_target) if name == "ABSOLUTE" else name, kind, payload)
                for name, kind, payload in MALICIOUS_MEMBERS[case]]
     archive = tmp_path / f"evil{suffix}"
-    _write_archive(archive, members)
+    write_archive(archive, members)
     dest = tmp_path / "work" / "dest"  # '../' and '../../' from here still land inside tmp_path
     dest.mkdir(parents=True)
     outside_before = _all_files(tmp_path) - _all_files(dest)
@@ -383,7 +358,7 @@ def test_safe_extract_unpacks_ordinary_archives(tmp_path: Path, suffix: str) -> 
     members = [("data/a/one.txt", "file", "1"), ("data/b/two.txt", "file", "2"),
                ("data/link_to_one", "symlink", "a/one.txt")]
     archive = tmp_path / f"ok{suffix}"
-    _write_archive(archive, members)
+    write_archive(archive, members)
     dest = tmp_path / "dest"
     safe_extract(archive, dest)
     assert (dest / "data" / "a" / "one.txt").read_text() == "1"

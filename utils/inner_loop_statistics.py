@@ -43,6 +43,8 @@ class InnerLoopStatistics:
     def concatenate(parts: Sequence["InnerLoopStatistics"]) -> "InnerLoopStatistics":
         """The tasks of several inner loops (the chunks of one meta-batch) as one."""
         first = parts[0]
+        if len(parts) == 1:  # the batched path: one inner loop already holds every task
+            return first
         gammas = None if first.gammas is None else torch.cat([part.gammas for part in parts], dim=-1)
         return InnerLoopStatistics(first.parameter_names, torch.cat([part.grad_norms for part in parts], dim=-1),
                                    first.layer_names, gammas)
