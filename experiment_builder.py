@@ -42,8 +42,10 @@ ARCHITECTURE_KEYS = (
     "image_channels", "image_height", "image_width", "num_classes_per_set", "cnn_num_filters", "num_stages",
     "use_bias", "conv_padding", "max_pooling", "per_step_bn_statistics", "number_of_training_steps_per_iter",
     "learnable_per_layer_per_step_inner_loop_learning_rate", "enable_inner_loop_optimizable_bn_params",
-    "contextual_grad", "num_context_params",
+    "contextual_grad", "num_context_params", "activation",
 )
+# What checkpoints written before a key existed were trained with, for the architecture check.
+ARCHITECTURE_KEY_DEFAULTS_BEFORE = {"activation": "relu"}
 CHECKPOINT_KEYS = ("format", "network", "optimizer", "scheduler", "rng", "experiment", "config")
 
 
@@ -100,8 +102,9 @@ class ExperimentBuilder:
                 "world_size": self.distributed.world_size}
 
     def _check_compatible(self, saved_config: dict[str, Any], path: Path) -> None:
-        differing = [f"{key} (checkpoint: {saved_config.get(key)!r}, now: {getattr(self.config, key)!r})"
-                     for key in ARCHITECTURE_KEYS if saved_config.get(key) != getattr(self.config, key)]
+        saved = {key: saved_config.get(key, ARCHITECTURE_KEY_DEFAULTS_BEFORE.get(key)) for key in ARCHITECTURE_KEYS}
+        differing = [f"{key} (checkpoint: {saved[key]!r}, now: {getattr(self.config, key)!r})"
+                     for key in ARCHITECTURE_KEYS if saved[key] != getattr(self.config, key)]
         if differing:
             raise CheckpointError(
                 f"checkpoint {path} was trained with another architecture; differing keys: "

@@ -63,13 +63,21 @@ class ContextualGradientScaling(nn.Module):
 
     Because BatchNorm follows every conv, fixing a weight's norm at gamma_l leaves the loss unchanged
     but scales that layer's inner-loop gradient by ||theta_l|| / gamma_l, task by task.
+
+    As in the official code, every inner-loop tensor but the head is rescaled, one gamma each: the conv
+    weights, and also the conv biases with `use_bias` and the BatchNorm shift and scale with
+    `enable_inner_loop_optimizable_bn_params`.
     """
 
-    def __init__(self, num_context_params: int, conv_weight_names: list[str], context_learning_rate: float):
+    # A tensor of norm zero (a conv bias or BatchNorm shift at initialisation) has no direction to
+    # rescale: it stays zero here, where the official code divides by zero and trains on NaN.
+    ZERO_NORM = 1e-12
+
+    def __init__(self, num_context_params: int, scaled_param_names: list[str], context_learning_rate: float):
         super().__init__()
-        self.conv_weight_names = list(conv_weight_names)
+        self.scaled_param_names = list(scaled_param_names)
         self.context_learning_rate = context_learning_rate
-        self.scaling_network = ContextScalingNetwork(num_context_params, len(conv_weight_names))
+        self.scaling_network = ContextScalingNetwork(num_context_params, len(scaled_param_names))
 
     def initial_context(self, num_tasks: int) -> Tensor:
         """Step 1: a fresh zero context for every task."""
@@ -78,13 +86,13 @@ class ContextualGradientScaling(nn.Module):
                            device=like.device, requires_grad=True)
 
     def rescale(self, fast_params: dict[str, Tensor], context: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """Steps 2 and 3a: each backbone conv weight rescaled to Frobenius norm gamma_l; the head untouched."""
-        gamma = self.scaling_network(context)  # [T, L]
+        """Steps 2 and 3a: each backbone tensor rescaled to Frobenius norm gamma; the head untouched."""
+        gamma = self.scaling_network(context)  # [T, number of scaled tensors]
         rescaled = dict(fast_params)
-        for layer, name in enumerate(self.conv_weight_names):
-            weight = fast_params[name]  # [T, out, in, 3, 3]
-            norm = weight.flatten(1).norm(dim=1).view(-1, *([1] * (weight.dim() - 1)))
-            rescaled[name] = gamma[:, layer].view_as(norm) * weight / norm
+        for index, name in enumerate(self.scaled_param_names):
+            weight = fast_params[name]  # [T, ...]: one copy per task
+            norm = weight.flatten(1).norm(dim=1).clamp_min(self.ZERO_NORM).view(-1, *([1] * (weight.dim() - 1)))
+            rescaled[name] = gamma[:, index].view_as(norm) * weight / norm
         return rescaled, gamma
 
     def step(self, context: Tensor, context_grad: Tensor) -> Tensor:
@@ -124,12 +132,16 @@ class MAMLFewShotClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.device = device
-        bn_steps = config.number_of_training_steps_per_iter if config.per_step_bn_statistics else 1
+        # Inner-loop BatchNorm parameters are one row for all steps, as in the official code (there the
+        # inner-loop switch replaces the per-step rows by a single [C] scale and shift).
+        per_step_rows = config.per_step_bn_statistics and not config.enable_inner_loop_optimizable_bn_params
+        bn_steps = config.number_of_training_steps_per_iter if per_step_rows else 1
         self.classifier = VGGReLUNormNetwork(
             image_shape=config.image_shape, num_classes=config.num_classes_per_set,
             num_filters=config.cnn_num_filters, num_stages=config.num_stages, use_bias=config.use_bias,
             conv_padding=config.conv_padding, max_pooling=config.max_pooling, bn_steps=bn_steps,
-            learnable_bn_gamma=config.learnable_bn_gamma, learnable_bn_beta=config.learnable_bn_beta)
+            learnable_bn_gamma=config.learnable_bn_gamma, learnable_bn_beta=config.learnable_bn_beta,
+            activation=config.activation)
         self.inner_loop_param_names = [
             name for name, param in self.classifier.named_parameters()
             if param.requires_grad and (config.enable_inner_loop_optimizable_bn_params or ".norm." not in name)
@@ -143,7 +155,8 @@ class MAMLFewShotClassifier(nn.Module):
         self.context: Optional[ContextualGradientScaling] = None
         if config.contextual_grad:
             self.context = ContextualGradientScaling(
-                config.num_context_params, self.classifier.conv_weight_names, config.context_params_learning_rate)
+                config.num_context_params, self.classifier.backbone_names(self.inner_loop_param_names),
+                config.context_params_learning_rate)
         self.to(device)
         self._configure_speed(config, device)
         self.optimizer = torch.optim.Adam(
@@ -224,7 +237,7 @@ class MAMLFewShotClassifier(nn.Module):
         query_logits = None
         recorder = None
         if self.config.log_inner_loop_statistics and track_meta_graph:  # the meta-training inner loop only
-            scaled_layers = self.context.conv_weight_names if self.context is not None else []
+            scaled_layers = self.context.scaled_param_names if self.context is not None else []
             recorder = InnerLoopRecorder(self.inner_loop_param_names, scaled_layers)
         for step in range(num_steps):
             gamma = None

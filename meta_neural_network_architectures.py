@@ -9,12 +9,25 @@ convolutions (groups=T) and batched matrix products, so a whole meta-batch is on
 T = 1 this is the ordinary per-task network. BatchNorm always normalises with the statistics of
 the current batch, per task and channel (transductive, as in MAML and CxGrad); running statistics
 never change a prediction, so none are kept.
+
+The activation is leaky ReLU (slope 0.01) by default: the official MAML++ and CxGrad conv block is
+named "...ReLU", but its forward pass applies `F.leaky_relu` (only its shape-inference pass uses ReLU).
 """
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+# The backbone's activation after each BatchNorm, by its config name (`activation`).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "leaky_relu": functools.partial(F.leaky_relu, negative_slope=0.01),  # the official forward pass
+    "relu": F.relu,
+}
 
 
 class _ConvParams(nn.Module):
@@ -43,7 +56,7 @@ class _LinearParams(nn.Module):
 
 
 class VGGReLUNormNetwork(nn.Module):
-    """conv3x3 -> BatchNorm -> ReLU -> max-pool, `num_stages` times, then a linear head.
+    """conv3x3 -> BatchNorm -> leaky ReLU (or ReLU) -> max-pool, `num_stages` times, then a linear head.
 
     Parameter names: ``layer{i}.conv.weight`` (and ``.bias``), ``layer{i}.norm.weight`` / ``.bias``
     (shape [bn_steps, filters]) and ``linear.weight`` / ``linear.bias``.
@@ -52,7 +65,7 @@ class VGGReLUNormNetwork(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], num_classes: int, num_filters: int = 48,
                  num_stages: int = 4, use_bias: bool = False, conv_padding: bool = True,
                  max_pooling: bool = True, bn_steps: int = 1, learnable_bn_gamma: bool = True,
-                 learnable_bn_beta: bool = True):
+                 learnable_bn_beta: bool = True, activation: str = "leaky_relu"):
         super().__init__()
         channels, height, width = image_shape
         self.image_shape = tuple(image_shape)
@@ -62,6 +75,7 @@ class VGGReLUNormNetwork(nn.Module):
         # Memory format of the activations; channels_last suits cuDNN's (and tensor cores') kernels.
         self.memory_format = torch.contiguous_format
         self.max_pooling = max_pooling
+        self.activation = ACTIVATIONS[activation]
         in_channels = channels
         for index in range(num_stages):
             block = nn.Module()
@@ -81,8 +95,19 @@ class VGGReLUNormNetwork(nn.Module):
 
     @property
     def conv_weight_names(self) -> list[str]:
-        """The backbone weights CxGrad rescales, shallow to deep."""
+        """The conv weights, shallow to deep."""
         return [f"layer{index}.conv.weight" for index in range(self.num_stages)]
+
+    def backbone_names(self, names: list[str]) -> list[str]:
+        """The backbone tensors among `names` (everything but the head), in the official code's order.
+
+        That order is its parameter registration order: per stage the conv weight, the conv bias, the
+        BatchNorm shift, then the BatchNorm scale. CxGrad's g emits one gamma per tensor in this order.
+        """
+        order = [f"layer{index}.{suffix}" for index in range(self.num_stages)
+                 for suffix in ("conv.weight", "conv.bias", "norm.bias", "norm.weight")]
+        wanted = set(names)
+        return [name for name in order if name in wanted]
 
     def forward(self, images: Tensor, params: dict[str, Tensor] | None = None, step: int = 0) -> Tensor:
         """Logits [T, B, classes] for images [T, B, C, H, W] (or [B, classes] for [B, C, H, W]).
@@ -114,7 +139,7 @@ class VGGReLUNormNetwork(nn.Module):
             norm_bias = self._step_row(params[f"{prefix}.norm.bias"], own[f"{prefix}.norm.bias"], step)
             x = F.batch_norm(x, None, None, self._fold_tasks(norm_weight, own[f"{prefix}.norm.weight"][0], tasks),
                              self._fold_tasks(norm_bias, own[f"{prefix}.norm.bias"][0], tasks), training=True)
-            x = F.relu(x)
+            x = self.activation(x)
             if self.max_pooling:
                 x = F.max_pool2d(x, kernel_size=2, stride=2)
 

@@ -10,17 +10,18 @@ Polarity is unchanged from the originals: black strokes on a white background.
 A file in a character folder that is not a readable image stops the build with an error
 naming it, or is skipped and listed in the manifest with --skip-bad-images (preprocess/images.py).
 
-Split (fixed; SPLIT_RULE describes it in the manifest, so editing the rule there rebuilds old builds):
-list the 964 background characters, then the 659 evaluation characters, each group
-sorted by (alphabet, character) folder name in plain Python string order. Then
+Split (`--omniglot-split`, recorded in the manifest's settings, so changing it rebuilds):
 
-* train = the 964 background characters + the first 186 evaluation characters (1150),
-* val   = the next 50 evaluation characters,
-* test  = the last 423 evaluation characters.
+* `maml++` (default): exactly MAML++'s class split. The 1623 class names `ALPHABET/characterNN` of
+  both zips merged, in Python's sorted order, are indexed 0..1622; the indices are shuffled with
+  `numpy.random.RandomState(s).shuffle` where `s = numpy.random.RandomState(0).randint(1, 999999)`
+  (MAML++ derives its split seed from `val_seed` 0 this way); the first 1150 are train, the next 50
+  val, the last 423 test (its `train_val_test_split` [0.70918052988, 0.03080714725, 0.2606284658]).
+  Validation characters come from many alphabets, like the test characters.
+* `sorted`: the 964 background characters and the first 186 evaluation characters, sorted by
+  (alphabet, character), train; the next 50 evaluation characters val; the last 423 test. Validation
+  then holds one or two alphabets, and its accuracy trails the test accuracy by several points.
 
-The sizes match the MAML++ Omniglot configuration (train_val_test_split
-[0.70918052988, 0.03080714725, 0.2606284658] of 1623 classes); the exact membership is
-defined by the rule above, so it is reproducible without MAML++'s file listing order.
 Every character has 20 images (drawn by 20 different people).
 
 Rotation augmentation is NOT done here: the training sampler rotates training classes
@@ -44,6 +45,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from preprocess.archives import PreprocessError, safe_extract
 from preprocess.images import BadImages, ImageFormat, convert_classes
 
@@ -61,30 +64,51 @@ IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 IMAGE_FORMAT = ImageFormat(IMAGE_SIZE, IMAGE_SIZE, "L")
 BACKGROUND_CHARACTERS = 964
 EVALUATION_CHARACTERS = 659
-TRAIN_EVALUATION_CHARACTERS = 186
+TRAIN_CHARACTERS = 1150
 VAL_CHARACTERS = 50
-SPLIT_RULE = ("background 964 + first 186 evaluation / next 50 evaluation / last 423 evaluation; "
-              "sorted by (alphabet, character)")
-
-SETTINGS: dict[str, Any] = {
-    "split_rule": SPLIT_RULE,
-    "resize": "convert('L'), LANCZOS to 28x28",
-    "polarity": "black strokes on white background",
+TRAIN_EVALUATION_CHARACTERS = TRAIN_CHARACTERS - BACKGROUND_CHARACTERS  # the `sorted` split's 186
+SPLIT_RULES = {
+    "maml++": ("MAML++: 'ALPHABET/characterNN' of both zips sorted, indices shuffled by "
+               "RandomState(RandomState(0).randint(1, 999999)); first 1150 train / next 50 val / last 423 test"),
+    "sorted": ("background 964 + first 186 evaluation / next 50 evaluation / last 423 evaluation; "
+               "sorted by (alphabet, character)"),
 }
+DEFAULT_SPLIT = "maml++"
+
+
+def settings(split: str = DEFAULT_SPLIT) -> dict[str, Any]:
+    """The build settings recorded in the manifest (a change of any of them rebuilds)."""
+    return {
+        "split_rule": SPLIT_RULES[split],
+        "resize": "convert('L'), LANCZOS to 28x28",
+        "polarity": "black strokes on white background",
+    }
+
 
 Character = tuple[str, str]  # (alphabet, character) folder names
 
 
-def split_characters(background: list[Character], evaluation: list[Character]) -> dict[str, list[Character]]:
-    """Apply the documented split rule to the character lists of the two zips."""
-    background = sorted(background)
-    evaluation = sorted(evaluation)
-    val_end = TRAIN_EVALUATION_CHARACTERS + VAL_CHARACTERS
-    return {
-        "train": background + evaluation[:TRAIN_EVALUATION_CHARACTERS],
-        "val": evaluation[TRAIN_EVALUATION_CHARACTERS:val_end],
-        "test": evaluation[val_end:],
-    }
+def split_characters(background: list[Character], evaluation: list[Character],
+                     split: str = DEFAULT_SPLIT) -> dict[str, list[Character]]:
+    """Apply split rule `split` (see the module docstring) to the character lists of the two zips."""
+    if split == "maml++":
+        # MAML++ names a class by its last two folders and sorts those strings ('/' joins them).
+        names = sorted(f"{alphabet}/{character}" for alphabet, character in [*background, *evaluation])
+        indices = np.arange(len(names), dtype=np.int32)
+        np.random.RandomState(np.random.RandomState(0).randint(1, 999999)).shuffle(indices)
+        shuffled = [tuple(names[index].split("/")) for index in indices]
+        val_end = TRAIN_CHARACTERS + VAL_CHARACTERS
+        return {"train": shuffled[:TRAIN_CHARACTERS], "val": shuffled[TRAIN_CHARACTERS:val_end],
+                "test": shuffled[val_end:]}
+    if split == "sorted":
+        background, evaluation = sorted(background), sorted(evaluation)
+        val_end = TRAIN_EVALUATION_CHARACTERS + VAL_CHARACTERS
+        return {
+            "train": background + evaluation[:TRAIN_EVALUATION_CHARACTERS],
+            "val": evaluation[TRAIN_EVALUATION_CHARACTERS:val_end],
+            "test": evaluation[val_end:],
+        }
+    raise PreprocessError(f"omniglot: unknown split {split!r}; choose one of {', '.join(SPLIT_RULES)}")
 
 
 def class_folder_name(character: Character) -> str:
@@ -168,8 +192,9 @@ def _list_characters(root: Path, expected: int, zip_path: Path) -> list[Characte
     return characters
 
 
-def write_splits(zips: dict[str, Path], out_dir: Path, skip_bad_images: bool = False) -> list[dict[str, str]]:
-    """Extract both zips into a temporary folder and write the 28x28 splits into `out_dir`.
+def write_splits(zips: dict[str, Path], out_dir: Path, skip_bad_images: bool = False,
+                 split: str = DEFAULT_SPLIT) -> list[dict[str, str]]:
+    """Extract both zips into a temporary folder and write the 28x28 splits (rule `split`) into `out_dir`.
 
     Returns the files skipped as unreadable images (see preprocess.images.BadImages).
     """
@@ -187,10 +212,10 @@ def write_splits(zips: dict[str, Path], out_dir: Path, skip_bad_images: bool = F
 
         background_set = set(background)
         jobs = []
-        for split, characters in split_characters(background, evaluation).items():
+        for split_name, characters in split_characters(background, evaluation, split).items():
             for character in characters:
                 root = background_root if character in background_set else evaluation_root
-                jobs.append((root.joinpath(*character), out_dir / split / class_folder_name(character)))
+                jobs.append((root.joinpath(*character), out_dir / split_name / class_folder_name(character)))
 
         bad_images = BadImages("omniglot", extract_root, [zips[name] for name in SOURCE_ZIPS], skip_bad_images)
         convert_classes(jobs, IMAGE_FORMAT, bad_images)

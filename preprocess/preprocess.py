@@ -99,6 +99,7 @@ class BuildRequest:
     seed: int
     allow_download: bool
     skip_bad_images: bool
+    omniglot_split: str = omniglot.DEFAULT_SPLIT
 
 
 def _synthetic_glyphs_recipe(request: BuildRequest) -> DatasetRecipe:
@@ -120,9 +121,10 @@ def _synthetic_glyphs_recipe(request: BuildRequest) -> DatasetRecipe:
 def _omniglot_recipe(request: BuildRequest) -> DatasetRecipe:
     return DatasetRecipe(
         image_shape=omniglot.IMAGE_SHAPE,
-        settings=omniglot.SETTINGS,
+        settings=omniglot.settings(request.omniglot_split),
         locate_sources=lambda: omniglot.locate_zips(request.source, request.dest, request.allow_download),
-        write_splits=lambda zips, out_dir: omniglot.write_splits(zips, out_dir, request.skip_bad_images),
+        write_splits=lambda zips, out_dir: omniglot.write_splits(zips, out_dir, request.skip_bad_images,
+                                                                 request.omniglot_split),
     )
 
 
@@ -205,7 +207,8 @@ def _remove(path: Path) -> None:
 
 def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
                     dest: str | os.PathLike[str] = "datasets", force: bool = False, seed: int = 0,
-                    allow_download: bool = True, skip_bad_images: bool = False) -> Path:
+                    allow_download: bool = True, skip_bad_images: bool = False,
+                    omniglot_split: str = omniglot.DEFAULT_SPLIT) -> Path:
     """Build dataset `name` into `dest/name` unless an up-to-date build exists; returns that folder.
 
     `source` is the folder holding the dataset's archives (ignored for generated data).
@@ -213,13 +216,17 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
     is found, `allow_download` is true and FSL_NO_DOWNLOAD is unset or 0.
     A file in a class folder that is not a readable image stops the build, or with
     `skip_bad_images` is left out and listed in the manifest under "skipped_images".
+    `omniglot_split` picks Omniglot's class split ('maml++' or 'sorted', preprocess/omniglot.py).
     Raises PreprocessError with a user-facing message on any problem.
     """
     check_dataset_names([name])
+    if omniglot_split not in omniglot.SPLIT_RULES:
+        raise PreprocessError(f"unknown omniglot split {omniglot_split!r}; choose one of "
+                              f"{', '.join(omniglot.SPLIT_RULES)}")
     dest_dir = Path(dest)
     request = BuildRequest(source=None if source is None else Path(source), dest=dest_dir, seed=seed,
                            allow_download=allow_download and not downloads_disabled_by_env(),
-                           skip_bad_images=skip_bad_images)
+                           skip_bad_images=skip_bad_images, omniglot_split=omniglot_split)
     recipe = DATASET_RECIPES[name](request)
     dataset_dir = dest_dir / name
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -304,12 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave out files in class folders that are not readable images (listed in "
                              "manifest.json) instead of stopping with an error")
+    parser.add_argument("--omniglot-split", choices=tuple(omniglot.SPLIT_RULES), default=omniglot.DEFAULT_SPLIT,
+                        help="Omniglot's class split: maml++ (MAML++'s seeded shuffle, the default) or sorted "
+                             "(background + first evaluation characters train, sorted by alphabet)")
     args = parser.parse_args(argv)
     try:
         check_dataset_names(args.datasets)
         for name in args.datasets:
             prepare_dataset(name, source=args.source, dest=args.dest, force=args.force, seed=args.seed,
-                            skip_bad_images=args.skip_bad_images)
+                            skip_bad_images=args.skip_bad_images, omniglot_split=args.omniglot_split)
     except PreprocessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -78,7 +78,7 @@ def test_cxgrad_records_gamma_and_task_by_task_chunks_agree(tiny_config):
         model = MAMLFewShotClassifier(config, torch.device("cpu"))
         recorded[batching] = model.run_train_iter(first_batch(config), epoch=0)["inner_loop_statistics"]
     batched, loop = recorded.values()
-    layers = model.context.conv_weight_names
+    layers = model.context.scaled_param_names
     assert batched.layer_names == layers
     assert batched.gammas.shape == (STEPS, len(layers), config.batch_size)
     assert bool((batched.gammas > 0).all()) and bool((batched.grad_norms > 0).all())

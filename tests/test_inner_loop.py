@@ -39,11 +39,13 @@ def make_tasks(num_tasks: int = 2, seed: int = 0) -> TaskBatch:
                      query, labels.repeat_interleave(QUERIES).repeat(num_tasks, 1))
 
 
-def reference_network() -> nn.Sequential:
+def reference_network(activation: str = "leaky_relu") -> nn.Sequential:
+    """The official conv block: conv -> BatchNorm -> leaky ReLU (slope 0.01) -> max-pool."""
     layers, channels = [], 1
     for _ in range(STAGES):
+        nonlinearity = nn.LeakyReLU(0.01) if activation == "leaky_relu" else nn.ReLU()
         layers += [nn.Conv2d(channels, FILTERS, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(FILTERS, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+                   nn.BatchNorm2d(FILTERS, track_running_stats=False), nonlinearity, nn.MaxPool2d(2)]
         channels = FILTERS
     layers += [nn.Flatten(), nn.Linear(FILTERS * (SIZE >> STAGES) ** 2, WAYS)]
     return nn.Sequential(*layers).double()
@@ -61,7 +63,7 @@ def reference_names(system: MAMLFewShotClassifier) -> dict[str, str]:
 
 def reference_meta_loss(system, task: TaskBatch, steps: int, second_order: bool, cxgrad: bool):
     """Mean query loss over the tasks, unrolled by hand one task at a time (CXGRAD.md, 'One task')."""
-    network = reference_network()
+    network = reference_network(system.config.activation)
     names = reference_names(system)
     own = dict(system.classifier.named_parameters())
     meta = {names[n]: (p[0] if ".norm." in n else p) for n, p in own.items()}  # BN rows: one step
@@ -127,6 +129,7 @@ def assert_same_gradients(ours, reference, tolerance=1e-9):
 @pytest.mark.parametrize("batching", ["batched", "loop"])
 def test_meta_gradients_match_hand_unrolled_reference(second_order, cxgrad, batching):
     system = make_system(contextual_grad=cxgrad, task_batching=batching)
+    assert system.config.activation == "leaky_relu"  # the official default
     task = make_tasks()
     ours = system_meta_gradients(system, task, second_order)
     reference = reference_meta_gradients(system, task, second_order, cxgrad)
@@ -135,6 +138,16 @@ def test_meta_gradients_match_hand_unrolled_reference(second_order, cxgrad, batc
         for name, grad in ours.items():
             if name.startswith("context."):
                 assert grad.abs().sum() > 0, f"{name} receives no meta-gradient"
+
+
+@pytest.mark.parametrize("cxgrad", [False, True], ids=["maml", "cxgrad"])
+def test_relu_activation_matches_a_relu_reference(cxgrad):
+    system = make_system(contextual_grad=cxgrad, activation="relu")
+    task = make_tasks()
+    ours = system_meta_gradients(system, task, second_order=True)
+    assert_same_gradients(ours, reference_meta_gradients(system, task, second_order=True, cxgrad=cxgrad))
+    leaky = make_system(contextual_grad=cxgrad)
+    assert not torch.allclose(leaky.classifier(task.support_images), system.classifier(task.support_images))
 
 
 @pytest.mark.parametrize("cxgrad", [False, True], ids=["maml", "cxgrad"])
@@ -166,21 +179,58 @@ def test_second_order_differs_from_first_order_and_matches_finite_differences(cx
     assert abs(analytic_first - numeric) > 1e-3 * max(1.0, abs(numeric)), "first order should be an approximation"
 
 
-def test_rescaled_backbone_weights_have_norm_gamma_and_head_is_untouched():
-    system = make_system(contextual_grad=True)
+def randomly_scaled_copies(system, tasks: int) -> dict:
+    """Per-task copies of the inner-loop parameters, each task's scaled differently (none of norm 0)."""
+    generator = torch.Generator().manual_seed(3)
+    return {n: (p.detach() + 0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype)).unsqueeze(0).repeat(
+                tasks, *[1] * p.dim()) * (1 + torch.rand(tasks, generator=generator).double().view(-1, *[1] * p.dim()))
+            for n, p in system.classifier.named_parameters() if n in system.inner_loop_param_names}
+
+
+# What the official code rescales: every inner-loop tensor but the head, one gamma each, in its order.
+RESCALED_SETS = {
+    "default": ({}, [f"layer{s}.conv.weight" for s in range(STAGES)]),
+    "use_bias": ({"use_bias": True}, [f"layer{s}.conv.{k}" for s in range(STAGES) for k in ("weight", "bias")]),
+    "inner_loop_bn": ({"enable_inner_loop_optimizable_bn_params": True, "per_step_bn_statistics": True},
+                      [f"layer{s}.{k}" for s in range(STAGES) for k in ("conv.weight", "norm.bias", "norm.weight")]),
+}
+
+
+@pytest.mark.parametrize("setting", list(RESCALED_SETS))
+def test_rescaled_backbone_tensors_have_norm_gamma_and_head_is_untouched(setting):
+    overrides, expected_names = RESCALED_SETS[setting]
+    system = make_system(contextual_grad=True, **overrides)
+    assert system.context.scaled_param_names == expected_names
     tasks = 3
-    fast = {n: p.detach().unsqueeze(0).repeat(tasks, *[1] * p.dim()) * (1 + torch.rand(tasks).double().view(
-        -1, *[1] * p.dim())) for n, p in system.classifier.named_parameters() if ".norm." not in n}
+    fast = randomly_scaled_copies(system, tasks)
+    assert set(fast) == set(expected_names) | {"linear.weight", "linear.bias"}
     context = torch.randn(tasks, system.config.num_context_params, dtype=torch.float64)
     rescaled, gamma = system.context.rescale(fast, context)
-    assert gamma.shape == (tasks, STAGES) and bool((gamma > 0).all())
-    for layer, name in enumerate(system.classifier.conv_weight_names):
+    assert gamma.shape == (tasks, len(expected_names)) and bool((gamma > 0).all())
+    for index, name in enumerate(expected_names):
         norms = rescaled[name].flatten(1).norm(dim=1)
-        torch.testing.assert_close(norms, gamma[:, layer], rtol=1e-12, atol=0)
+        torch.testing.assert_close(norms, gamma[:, index], rtol=1e-12, atol=0)
         directions = rescaled[name].flatten(1) / norms[:, None]
         torch.testing.assert_close(directions, fast[name].flatten(1) / fast[name].flatten(1).norm(dim=1)[:, None])
     assert rescaled["linear.weight"] is fast["linear.weight"]
     assert rescaled["linear.bias"] is fast["linear.bias"]
+
+
+def test_inner_loop_batch_norm_parameters_are_one_row_for_all_steps():
+    """As in the official code: adapting BatchNorm in the inner loop replaces the per-step rows by one."""
+    system = make_system(contextual_grad=True, enable_inner_loop_optimizable_bn_params=True,
+                         per_step_bn_statistics=True)
+    assert system.classifier.layer0.norm.weight.shape == (1, FILTERS)
+
+
+@pytest.mark.parametrize("setting", ["use_bias", "inner_loop_bn"])
+def test_cxgrad_trains_with_zero_initialised_rescaled_tensors(setting):
+    """Conv biases and BatchNorm shifts start at zero: they stay zero when rescaled, never NaN."""
+    system = make_system(contextual_grad=True, **RESCALED_SETS[setting][0])
+    for _ in range(2):
+        metrics = system.run_train_iter(make_tasks(), epoch=0)
+        assert not metrics["skipped"] and np.isfinite(metrics["loss"])
+    assert all(torch.isfinite(p).all() for p in system.parameters())
 
 
 def test_loss_is_scale_invariant_while_gradient_scales_by_inverse():

@@ -217,21 +217,40 @@ def test_omniglot_counts_and_image_format(omniglot_dataset: Path) -> None:
     _check_counts_and_images(omniglot_dataset, OMNIGLOT_CLASSES, 20)
 
 
-def test_omniglot_split_follows_documented_rule(omniglot_dataset: Path, omniglot_zips: Path) -> None:
-    background = _characters_in_zip(omniglot_zips / "images_background.zip")
-    evaluation = _characters_in_zip(omniglot_zips / "images_evaluation.zip")
-    assert (len(background), len(evaluation)) == (964, 659)
-    expected = {"train": background + evaluation[:186], "val": evaluation[186:236], "test": evaluation[236:]}
+def test_omniglot_split_is_maml_plus_plus(omniglot_dataset: Path, omniglot_zips: Path) -> None:
+    """The default split is MAML++'s: its sorted 'ALPHABET/characterNN' names, shuffled by its seed."""
+    names = sorted(name.replace("__", "/") for name in _characters_in_zip(omniglot_zips / "images_background.zip")
+                   + _characters_in_zip(omniglot_zips / "images_evaluation.zip"))
+    assert len(names) == 1623
+    order = np.arange(1623, dtype=np.int32)
+    np.random.RandomState(np.random.RandomState(0).randint(1, 999999)).shuffle(order)
+    shuffled = [names[index].replace("/", "__") for index in order]
+    expected = {"train": shuffled[:1150], "val": shuffled[1150:1200], "test": shuffled[1200:]}
     for split in SPLITS:
         assert sorted(path.name for path in _split_classes(omniglot_dataset, split)) == sorted(expected[split])
-    first_test, last_train = evaluation[236], evaluation[185]
-    assert (omniglot_dataset / "test" / first_test).is_dir()
-    assert (omniglot_dataset / "train" / last_train).is_dir()
-    assert (omniglot_dataset / "train" / "Latin__character01").is_dir()
+    # Pinned, so that a change of the rule above (or of numpy's generator) cannot go unnoticed.
+    assert expected["train"][:3] == ["Ojibwe_(Canadian_Aboriginal_Syllabics)__character09", "Mongolian__character20",
+                                     "Gujarati__character10"]
+    assert expected["val"][:3] == ["Arcadian__character20", "Ojibwe_(Canadian_Aboriginal_Syllabics)__character07",
+                                   "Old_Church_Slavonic_(Cyrillic)__character08"]
+    assert expected["test"][:3] == ["Sylheti__character11", "Hebrew__character07", "Aurek-Besh__character18"]
+    assert "MAML++" in read_manifest(omniglot_dataset)["settings"]["split_rule"]
     with zipfile.ZipFile(omniglot_zips / "images_background.zip") as zf:
         latin_files = sorted(Path(name).name for name in zf.namelist()
                              if name.startswith("images_background/Latin/character01/"))
-    assert sorted(path.name for path in (omniglot_dataset / "train" / "Latin__character01").iterdir()) == latin_files
+    latin = next(omniglot_dataset.glob("*/Latin__character01"))
+    assert sorted(path.name for path in latin.iterdir()) == latin_files
+
+
+def test_omniglot_sorted_split_rule(omniglot_zips: Path) -> None:
+    """`--omniglot-split sorted`: background + first 186 evaluation characters train, sorted by alphabet."""
+    def characters(zip_name: str) -> list[tuple[str, str]]:
+        return [tuple(name.split("__")) for name in _characters_in_zip(omniglot_zips / zip_name)]
+    background, evaluation = characters("images_background.zip"), characters("images_evaluation.zip")
+    split = omniglot.split_characters(background, evaluation, "sorted")
+    assert split == {"train": background + evaluation[:186], "val": evaluation[186:236], "test": evaluation[236:]}
+    assert split["val"][0] == ("Glagolitic", "character37") and split["test"][0] == ("Gurmukhi", "character42")
+    assert omniglot.settings("sorted") != omniglot.settings("maml++")  # a change of split rebuilds
 
 
 def test_omniglot_manifest_and_rerun(omniglot_dataset: Path, omniglot_zips: Path,

@@ -328,9 +328,10 @@ def test_omniglot_follows_the_bad_file_rule(tmp_path: Path, monkeypatch: pytest.
         zf.writestr("images_background/Latin/character02/notes.txt", "not an image")
 
     with pytest.raises(PreprocessError, match="images_background/Latin/character02/notes.txt .*not a readable image"):
-        prepare_dataset("omniglot", source=source, dest=tmp_path / "datasets", allow_download=False)
+        prepare_dataset("omniglot", source=source, dest=tmp_path / "datasets", allow_download=False,
+                        omniglot_split="sorted")
     dataset_dir = prepare_dataset("omniglot", source=source, dest=tmp_path / "datasets", allow_download=False,
-                                  skip_bad_images=True)
+                                  skip_bad_images=True, omniglot_split="sorted")
     assert [entry["path"] for entry in read_manifest(dataset_dir)["skipped_images"]] == [
         "images_background/Latin/character02/notes.txt"]
     assert sorted(path.name for path in (dataset_dir / "train" / "Latin__character02").iterdir()) == ["0.png", "1.png"]

@@ -84,7 +84,10 @@ class ExperimentConfig:
     # --- backbone -------------------------------------------------------------------------
     backbone: str = _field("4-CONV", "the backbone architecture", choices=("4-CONV",))
     cnn_num_filters: int = _field(48, "filters of every conv layer", minimum=1)
-    num_stages: int = _field(4, "conv blocks (conv3x3 -> BN -> ReLU -> max-pool)", minimum=1)
+    num_stages: int = _field(4, "conv blocks (conv3x3 -> BN -> activation -> max-pool)", minimum=1)
+    activation: str = _field(
+        "leaky_relu", "activation after each BatchNorm: leaky_relu (slope 0.01, the official code's forward "
+        "pass) or relu", choices=("leaky_relu", "relu"))
     cnn_blocks_per_stage: int = _field(1, "conv layers per stage (only 1 is supported)", choices=(1,))
     conv_padding: bool = _field(True, "pad 3x3 convolutions by 1")
     max_pooling: bool = _field(True, "2x2 max-pool after every block (off: stride-2 convolutions)")
