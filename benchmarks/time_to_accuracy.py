@@ -119,9 +119,9 @@ def report(config: ExperimentConfig, thresholds: list[float], total_wall_s: floa
         "best_single_model_epoch": summary["best_single_model_epoch"],
         "best_single_model_test_accuracy": summary["best_single_model_test_accuracy"],
         "best_single_model_test_confidence_95": summary["best_single_model_test_confidence_95"],
-        "best_val_accuracy": max((line["val_accuracy"] for line in epochs), default=None),
-        "epochs": len(epochs), "iterations": epochs[-1]["iterations"] if epochs else 0,
-        "train_val_wall_s": epochs[-1]["wall_s"] if epochs else 0.0, "total_wall_s": total_wall_s})
+        "best_val_accuracy": max(line["val_accuracy"] for line in epochs),
+        "epochs": len(epochs), "iterations": epochs[-1]["iterations"],
+        "train_val_wall_s": epochs[-1]["wall_s"], "total_wall_s": total_wall_s})
     return lines
 
 
