@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from data import FewShotDataProvider
@@ -235,11 +236,72 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
     assert float(rows["maml"]["toy_other_ensemble_test_accuracy"]) == pytest.approx(cross["ensemble_test_accuracy"])
     assert rows["cxgrad"]["toy_other_ensemble_test_accuracy"] == ""
     assert "-> toy_other" in (root / "results.md").read_text()
+    # Different methods are no seeds of one experiment: each run is its own group, and no seeds table.
+    assert {(row["seed_group"], row["seeds"], row["ensemble_test_accuracy_std_over_seeds"]) for row in rows.values()} \
+        == {("1", "1", ""), ("2", "1", "")}
+    for row in rows.values():
+        assert float(row["ensemble_test_accuracy_mean_over_seeds"]) == pytest.approx(float(row["ensemble_test_accuracy"]))
+    assert "Over seeds" not in printed.out
 
     empty = tmp_path / "nothing"
     empty.mkdir()
     assert summarize_results.main([str(empty)]) == 2
     assert "no finished experiment" in capsys.readouterr().err
+
+
+def write_finished_run(root: Path, name: str, ensemble: float, best_single: float, **config) -> None:
+    """An experiment folder as the ensemble test leaves it, reduced to what the table reads."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"experiment_name": name, **config}))
+    (folder / summarize_results.SUMMARY_FILE).write_text(json.dumps({
+        "dataset": "omniglot", "ways": 5, "shots": 1, "ensemble_test_accuracy": ensemble,
+        "ensemble_test_confidence_95": 0.01, "best_single_model_test_accuracy": best_single,
+        "best_single_model_test_confidence_95": 0.012}))
+
+
+def test_runs_that_differ_only_in_seeds_are_grouped(tmp_path, capsys):
+    root = tmp_path / "experiments"
+    cxgrad = dict(contextual_grad=True, meta_learning_rate=0.002)
+    # Three seeds of one config, however they were run (folder, device, speed and logging options).
+    write_finished_run(root, "cx_s0", 0.90, 0.89, seed=0, **cxgrad)
+    write_finished_run(root / "gpu", "cx_s1", 0.92, 0.90, seed=1, train_seed=1, device="cuda",
+                       task_batching="loop", log_inner_loop_statistics=True, **cxgrad)
+    write_finished_run(root, "cx_s2", 0.97, 0.93, seed=2, experiments_dir="elsewhere", show_progress=False, **cxgrad)
+    # Not seeds of it: another meta learning rate, and a config that leaves a key at its default implicitly.
+    write_finished_run(root, "cx_lr", 0.80, 0.79, seed=0, contextual_grad=True, meta_learning_rate=0.01)
+    write_finished_run(root, "maml_s0", 0.85, 0.84, seed=0)
+    write_finished_run(root, "maml_s1", 0.87, 0.86, seed=1, meta_learning_rate=0.001)  # the default, written out
+
+    assert summarize_results.main([str(root)]) == 0
+    printed = capsys.readouterr()
+    rows = {row["experiment"]: row for row in csv.DictReader(open(root / "results.csv"))}
+    groups = {name: (row["seed_group"], int(row["seeds"])) for name, row in rows.items()}
+    assert groups["cx_s0"] == groups["cx_s1"] == groups["cx_s2"] and groups["cx_s0"][1] == 3
+    assert groups["maml_s0"] == groups["maml_s1"] and groups["maml_s0"][1] == 2
+    assert groups["cx_lr"][1] == 1 and len(set(groups.values())) == 3
+    assert [rows[name]["seed"] for name in ("cx_s0", "cx_s1", "cx_s2")] == ["0", "1", "2"]
+
+    seeds = rows["cx_s1"]
+    assert float(seeds["ensemble_test_accuracy_mean_over_seeds"]) == pytest.approx(0.93)
+    assert float(seeds["ensemble_test_accuracy_std_over_seeds"]) == pytest.approx(np.sqrt((0.03**2 + 0.01**2 + 0.04**2) / 2))
+    assert float(seeds["best_single_model_test_accuracy_mean_over_seeds"]) == pytest.approx(np.mean([0.89, 0.90, 0.93]))
+    assert float(seeds["best_single_model_test_accuracy_std_over_seeds"]) == pytest.approx(np.std([0.89, 0.90, 0.93], ddof=1))
+    assert float(rows["cx_s2"]["ensemble_test_confidence_95"]) == 0.01  # each run keeps its own CI
+    assert rows["cx_lr"]["ensemble_test_accuracy_std_over_seeds"] == ""
+
+    table = (root / "results.md").read_text()
+    assert table == printed.out.split("wrote ")[0]
+    assert "| cx_s0, cx_s1, cx_s2 | omniglot | 5 | 1 | CxGrad | 3 | 93.00 +- 3.61 | 90.67 +- 2.08 |" in table
+    assert "| maml_s0, maml_s1 | omniglot | 5 | 1 | MAML | 2 | 86.00 +- 1.41 | 85.00 +- 1.41 |" in table
+    assert "cx_lr |" not in table.split("Over seeds")[1]  # a lone run has no row over seeds
+    assert "warning" not in printed.err
+
+    # The same seeds twice (e.g. one run repeated on another device) still count, and say so.
+    write_finished_run(root, "cx_s2_again", 0.95, 0.93, seed=2, device="cpu", **cxgrad)
+    assert summarize_results.main([str(root)]) == 0
+    assert "cx_s2 and cx_s2_again differ only in bookkeeping keys" in capsys.readouterr().err
+    assert {row["seeds"] for row in csv.DictReader(open(root / "results.csv")) if row["method"] == "CxGrad"} == {"4", "1"}
 
 
 def test_method_names():

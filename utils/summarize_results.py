@@ -8,12 +8,19 @@ and best-single-model test accuracy +- the 95% confidence interval, the epochs t
 wall time (the sum of `epoch_time_s` in `logs/summary_statistics.csv`: training and validation,
 not the test), and one column per cross-domain test set (`test_summary_DATASET.json`). The table is
 printed, and written as `results.md` and `results.csv` into the scanned folder (or --out).
+
+Runs whose configs differ only in their seeds (`seed`, `train_seed`, `val_seed`) and in bookkeeping keys
+(BOOKKEEPING_KEYS: where a run is written, how fast it computes, what it logs) are repeats of one
+experiment. Each run's CSV row gives its group (`seed_group`), the group's number of runs (`seeds`), and
+the mean and sample standard deviation over them of the ensemble and best-single-model test accuracy
+(the std is blank for a lone run); the markdown adds one row per group of two or more runs.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -21,13 +28,23 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as `python utils/summarize_results.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import ConfigError, read_config_file
+from utils.config import ConfigError, ExperimentConfig, read_config_file
 from utils.storage import atomic_write_text, write_csv
 
 SUMMARY_FILE = "test_summary.json"
 # Any of these on makes a run MAML++ rather than MAML (CxGrad wins over both).
 MAML_PLUS_PLUS_KEYS = ("use_multi_step_loss_optimization", "learnable_per_layer_per_step_inner_loop_learning_rate",
                        "per_step_bn_statistics")
+# Keys that change where a run is written, how fast it computes (the same arithmetic) or what it logs, never
+# what it learns: runs that differ only in these and in SEED_KEYS are repeats of one experiment.
+BOOKKEEPING_KEYS = frozenset({
+    "experiment_name", "experiments_dir", "datasets_dir", "device", "show_progress", "distributed_timeout_s",
+    "load_into_memory", "num_dataprovider_workers", "continue_from_epoch", "total_epochs_before_pause",
+    "evaluate_on_test_set_only", "test_dataset", "max_consecutive_nonfinite_iterations", "log_inner_loop_statistics",
+    "use_tensorboard", "task_batching", "evaluation_batch_size", "channels_last", "cudnn_benchmark",
+    "compile_backbone"})
+SEED_KEYS = ("seed", "train_seed", "val_seed")
+OVER_SEEDS = ("ensemble_test_accuracy", "best_single_model_test_accuracy")  # averaged over a group's runs
 
 
 class ResultsError(RuntimeError):
@@ -53,6 +70,14 @@ def read_experiment_config(folder: Path) -> Optional[dict[str, Any]]:
         return None
 
 
+def replicate_identity(config: dict[str, Any]) -> tuple[str, tuple]:
+    """(what the run is, which seeds it used): the config without bookkeeping keys and seeds, as text, and its
+    seeds. A key missing from an older config.yaml counts as its default, as it did when that run trained."""
+    resolved = {**ExperimentConfig().to_dict(), **config}
+    experiment = {key: value for key, value in resolved.items() if key not in BOOKKEEPING_KEYS | set(SEED_KEYS)}
+    return json.dumps(experiment, sort_keys=True, default=str), tuple(resolved[key] for key in SEED_KEYS)
+
+
 def read_epoch_rows(folder: Path) -> list[dict[str, float]]:
     """`logs/summary_statistics.csv` as floats; [] when the experiment has none."""
     path = folder / "logs" / "summary_statistics.csv"
@@ -62,7 +87,8 @@ def read_epoch_rows(folder: Path) -> list[dict[str, float]]:
         return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
+def read_summary(path: Path) -> dict[str, Any]:
+    """A `test_summary*.json`; KeyError names the keys it lacks."""
     summary = json.loads(path.read_text())
     missing = [key for key in ("dataset", "ways", "shots", "ensemble_test_accuracy", "ensemble_test_confidence_95",
                                "best_single_model_test_accuracy", "best_single_model_test_confidence_95")
@@ -74,9 +100,11 @@ def _read_summary(path: Path) -> dict[str, Any]:
 
 def experiment_result(folder: Path) -> dict[str, Any]:
     """One row of the table; raises ValueError/KeyError/OSError when the summary cannot be read."""
-    summary = _read_summary(folder / SUMMARY_FILE)
+    summary = read_summary(folder / SUMMARY_FILE)
     config = read_experiment_config(folder)
     epochs = read_epoch_rows(folder)
+    # A run without a readable config is a group of its own.
+    experiment, seeds = replicate_identity(config) if config is not None else (str(folder.resolve()), ())
     row = {"experiment": folder.name, "dataset": summary["dataset"], "ways": summary["ways"],
            "shots": summary["shots"], "method": method_name(config) if config is not None else "unknown",
            "ensemble_test_accuracy": summary["ensemble_test_accuracy"],
@@ -84,9 +112,10 @@ def experiment_result(folder: Path) -> dict[str, Any]:
            "best_single_model_test_accuracy": summary["best_single_model_test_accuracy"],
            "best_single_model_test_confidence_95": summary["best_single_model_test_confidence_95"],
            "epochs": len(epochs), "wall_time_s": sum(row["epoch_time_s"] for row in epochs),
-           "cross_domain": {}}
+           "seed": seeds[0] if seeds else "", "cross_domain": {},
+           "_replicate": (experiment, seeds)}  # popped by group_over_seeds
     for path in sorted(folder.glob("test_summary_*.json")):
-        cross = _read_summary(path)
+        cross = read_summary(path)
         row["cross_domain"][cross["dataset"]] = (cross["ensemble_test_accuracy"], cross["ensemble_test_confidence_95"])
     return row
 
@@ -105,7 +134,34 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
     if not results:
         raise ResultsError(f"no finished experiment under {root} (a folder with {SUMMARY_FILE}, written by the "
                            f"ensemble test at the end of train_maml_system.py)")
-    return sorted(results, key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["experiment"]))
+    results.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["experiment"]))
+    group_over_seeds(results)
+    return results
+
+
+def group_over_seeds(results: list[dict[str, Any]]) -> None:
+    """Give each run its group's number (`seed_group`), size (`seeds`), and the mean and sample std over the
+    group of OVER_SEEDS (std "" for a lone run). Runs of a group that share their seeds too are reported:
+    they still count as two (e.g. the same run on two devices)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        experiment, _ = result["_replicate"]
+        groups.setdefault(experiment, []).append(result)
+    for number, runs in enumerate(groups.values(), 1):
+        over_seeds: dict[str, Any] = {"seed_group": number, "seeds": len(runs)}
+        for key in OVER_SEEDS:
+            values = [run[key] for run in runs]
+            over_seeds[f"{key}_mean_over_seeds"] = statistics.mean(values)
+            over_seeds[f"{key}_std_over_seeds"] = statistics.stdev(values) if len(values) > 1 else ""
+        seen: dict[tuple, str] = {}
+        for run in runs:
+            _, seeds = run.pop("_replicate")
+            if seeds and seeds in seen:
+                print(f"warning: {seen[seeds]} and {run['experiment']} differ only in bookkeeping keys, seeds "
+                      f"included ({dict(zip(SEED_KEYS, seeds))}); both count among the {len(runs)} seeds of "
+                      f"their group", file=sys.stderr)
+            seen.setdefault(seeds, run["experiment"])
+            run.update(over_seeds)
 
 
 def format_duration(seconds: float) -> str:
@@ -116,8 +172,8 @@ def format_duration(seconds: float) -> str:
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
-def _accuracy(mean: float, interval: float) -> str:
-    return f"{100 * mean:.2f} +- {100 * interval:.2f}"
+def _accuracy(mean: float, spread: float) -> str:
+    return f"{100 * mean:.2f} +- {100 * spread:.2f}"
 
 
 def cross_domain_datasets(results: list[dict[str, Any]]) -> list[str]:
@@ -135,6 +191,27 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                  _accuracy(r["best_single_model_test_accuracy"], r["best_single_model_test_confidence_95"]),
                  str(r["epochs"]), format_duration(r["wall_time_s"]) if r["epochs"] else ""]
         cells += [_accuracy(*r["cross_domain"][name]) if name in r["cross_domain"] else "" for name in crosses]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_table(results: list[dict[str, Any]]) -> str:
+    """Markdown, one row per group of two or more runs that differ only in their seeds; "" when there is none."""
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault(result["seed_group"], []).append(result)
+    repeated = [runs for runs in groups.values() if len(runs) > 1]
+    if not repeated:
+        return ""
+    header = ["experiments", "dataset", "ways", "shots", "method", "seeds",
+              "ensemble test acc. (%, mean +- std)", "best single model (%, mean +- std)"]
+    lines = ["Over seeds (runs that differ only in their seeds; std: the sample standard deviation over runs):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for runs in repeated:
+        r = runs[0]
+        cells = [", ".join(run["experiment"] for run in runs), r["dataset"], str(r["ways"]), str(r["shots"]),
+                 r["method"], str(r["seeds"])]
+        cells += [_accuracy(r[f"{key}_mean_over_seeds"], r[f"{key}_std_over_seeds"]) for key in OVER_SEEDS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -165,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     table = markdown_table(results)
+    over_seeds = seeds_table(results)
+    if over_seeds:
+        table += "\n" + over_seeds
     out = args.out or args.folder
     atomic_write_text(out / "results.md", table)
     write_csv(out / "results.csv", csv_rows(results))
