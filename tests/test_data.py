@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,12 +61,48 @@ def test_split_is_decoded_once_into_a_cache_and_then_reused(tmp_path, monkeypatc
 
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "built_at": "later"}))  # a rebuilt dataset
-    load_split(folder, "train", (1, 16, 16))
+    with pytest.warns(UserWarning, match=r"split 'train': the dataset was rebuilt \(its manifest.json changed\)"):
+        load_split(folder, "train", (1, 16, 16))
     assert len(decoded) == 12
     array = cache / "train_16x16x1.npy"
     array.write_bytes(array.read_bytes()[:200])  # a damaged cache is decoded again, not trusted
     np.testing.assert_array_equal(load_split(folder, "train", (1, 16, 16)).images, split.images)
     assert len(decoded) == 24
+
+
+def test_cache_is_decoded_again_when_its_images_change_and_only_then(tmp_path, monkeypatch):
+    folder = make_toy_dataset(tmp_path, classes=(3, 2, 2), per_class=4)
+    load_split(folder, "train", (1, 16, 16))
+    array = folder / ".cache" / "train_16x16x1.npy"
+    built = array.stat().st_mtime_ns
+    decoded = []
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda path, shape: decoded.append(path) or real_decode(path, shape))
+    images = folder / "train"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing changed: not a word, and the cache is used as it is
+        assert isinstance(load_split(folder, "train", (1, 16, 16), in_memory=False).images, np.memmap)
+    assert decoded == [] and array.stat().st_mtime_ns == built
+
+    shutil.copy(images / "train_class002" / "00.png", images / "train_class001" / "04.png")
+    with pytest.warns(UserWarning, match=r"dataset 'toy', split 'train': images changed since its cache was decoded: "
+                                         r"1 added, 0 removed, 0 modified \(e.g. train_class001/04.png\); decoding"):
+        split = load_split(folder, "train", (1, 16, 16))
+    assert len(decoded) == 13 and split.class_counts.tolist() == [4, 5, 4]
+    np.testing.assert_array_equal(split.class_images(1), pixels_of(images / "train_class001", 16, "L"))
+
+    (images / "train_class000" / "03.png").unlink()
+    touched = images / "train_class002" / "01.png"  # same bytes, new modification time: replaced, maybe
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 1))
+    with pytest.warns(UserWarning, match="0 added, 1 removed, 1 modified"):
+        assert load_split(folder, "train", (1, 16, 16)).class_counts.tolist() == [3, 5, 4]
+    assert len(decoded) == 25
+
+    touched.write_text("an image overwritten with text")  # stops as it would without a cache
+    for _ in range(2):  # and again: the stale cache is never fallen back on
+        with pytest.warns(UserWarning, match="1 modified"), pytest.raises(DatasetError, match="cannot read image"):
+            load_split(folder, "train", (1, 16, 16))
 
 
 def test_unreadable_image_is_named_and_leaves_no_cache(tmp_path):

@@ -9,7 +9,9 @@ Writes into --out (default: EXPERIMENT/plots), one column of panels per experime
     gamma.png            CxGrad's gamma per layer over the epochs, mean +- std over tasks (CxGrad runs only)
     msl_importance.png   the weight of the query loss after each inner step over the epochs (MAML++'s MSL)
 The last three read logs/inner_loop_statistics.csv, which training writes with log_inner_loop_statistics
-on. It also prints each layer's gradient norm in the last epoch and the backbone's share of them.
+on; they are drawn for the experiments that have it, and the script says which figures or experiments
+it left out and why. It also prints each layer's gradient norm in the last epoch and the backbone's
+share of them. Exit status 2 only when an experiment has no finished epoch or cannot be read.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from utils.summarize_results import method_name, read_epoch_rows, read_experimen
 PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
 DPI = 100
 HEAD = "head"
+INNER_LOOP_FIGURES = ("gradient_norms.png", "gamma.png", "msl_importance.png")
 
 
 class PlotError(RuntimeError):
@@ -124,6 +127,11 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def _skipped(what: str, reason: str) -> None:
+    """Say on stderr what was not drawn and why, so a missing figure is never a silent surprise."""
+    print(f"{what} skipped: {reason}", file=sys.stderr)
+
+
 def _layer_colours(layers: list[str]) -> dict[str, tuple]:
     convs = [layer for layer in layers if layer != HEAD]
     colours = {layer: plt.cm.viridis(index / max(len(convs) - 1, 1) * 0.85) for index, layer in enumerate(convs)}
@@ -172,7 +180,7 @@ def plot_gradient_norms(experiments: list[Experiment], path: Path) -> Path:
 def plot_gamma(experiments: list[Experiment], path: Path) -> Optional[Path]:
     cxgrad = [e for e in experiments if any(row["quantity"] == "gamma" for row in e.inner_loop_rows)]
     if not cxgrad:
-        print(f"{path.name} skipped: no CxGrad run among them (contextual_grad off), so no gamma")
+        _skipped(path.name, "no CxGrad run among them (contextual_grad off), so no gamma")
         return None
     figure, axes = _figure(1, len(cxgrad), sharey="row")
     for axis, experiment in zip(axes[0], cxgrad):
@@ -229,20 +237,26 @@ def print_gradient_norm_summary(experiments: list[Experiment]) -> None:
 
 
 def plot_experiments(folders: list[Path], out: Optional[Path] = None) -> list[Path]:
-    """Write every figure the experiments' logs allow; PlotError when inner-loop statistics are missing."""
+    """Write every figure the experiments' logs allow and say which were left out and why.
+
+    PlotError only when an experiment cannot be plotted at all (no folder, no finished epoch).
+    """
     experiments = [load_experiment(folder) for folder in folders]
     out = out or experiments[0].folder / "plots"
     written = [plot_learning_curves(experiments, out / "learning_curves.png")]
-    unrecorded = [str(e.folder) for e in experiments if e.inner_loop_rows is None]
+    recorded = [e for e in experiments if e.inner_loop_rows]  # an empty log (no epoch yet) has nothing to draw
+    unrecorded = [str(e.folder) for e in experiments if not e.inner_loop_rows]
     if unrecorded:
-        raise PlotError(
-            f"no logs/{STATISTICS_FILE} in {', '.join(unrecorded)}: inner-loop statistics are recorded only with "
-            f"log_inner_loop_statistics on; train with --log_inner_loop_statistics true (a resumed run records "
-            f"from its next epoch on). Only learning_curves.png was written")
-    written.append(plot_gradient_norms(experiments, out / "gradient_norms.png"))
-    written.append(plot_gamma(experiments, out / "gamma.png"))
-    written.append(plot_msl_importance(experiments, out / "msl_importance.png"))
-    print_gradient_norm_summary(experiments)
+        figures = ", ".join(INNER_LOOP_FIGURES)
+        _skipped(figures if not recorded else f"{', '.join(unrecorded)} in {figures}",
+                 f"no inner-loop statistics (logs/{STATISTICS_FILE}) in {', '.join(unrecorded)}: they are recorded "
+                 f"only with log_inner_loop_statistics on; train with --log_inner_loop_statistics true (a resumed "
+                 f"run records from its next epoch on)")
+    if recorded:
+        written.append(plot_gradient_norms(recorded, out / "gradient_norms.png"))
+        written.append(plot_gamma(recorded, out / "gamma.png"))
+        written.append(plot_msl_importance(recorded, out / "msl_importance.png"))
+        print_gradient_norm_summary(recorded)
     return [path for path in written if path is not None]
 
 
