@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from preprocess.images import DECODE_ERRORS
+from preprocess.images import CXGRAD_RESIZE, DECODE_ERRORS
 from utils.storage import atomic_write_text, exclusive_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-CACHE_VERSION = 2  # 2: the index holds the split's channel statistics
+CACHE_VERSION = 3  # 2: the index holds the split's channel statistics; 3: resized BICUBIC, then converted
 
 
 class DatasetError(ValueError):
@@ -96,11 +96,14 @@ def require_dataset(folder: Path, name: str) -> dict:
 
 
 def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """One image as uint8 [H, W, C] at `shape` (C, H, W).
+
+    A built training dataset already has the model's size (utils/preflight.py checks it); a cross-domain
+    test set of another size is resized as the official CxGrad loader resizes it (BICUBIC, then converted).
+    """
     channels, height, width = shape
     with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
+        image = CXGRAD_RESIZE(image, (width, height), "L" if channels == 1 else "RGB")
         array = np.asarray(image, dtype=np.uint8)
     return array.reshape(height, width, channels)
 
