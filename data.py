@@ -7,6 +7,7 @@ from its own seeded generator:
   exactly the tasks it would have drawn, whatever happened before;
 - evaluation task t of a split uses (val_seed, split, t), so validation and test tasks are the same
   across epochs, runs and models (the ensemble test depends on it).
+Pixels reach the network as `InputScaling` says (config key input_normalisation).
 """
 from __future__ import annotations
 
@@ -16,19 +17,22 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from preprocess.images import DECODE_ERRORS
+from preprocess.images import CXGRAD_RESIZE, DECODE_ERRORS
 from utils.storage import atomic_write_text, exclusive_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-CACHE_VERSION = 3  # 2: the index holds the split's channel statistics; 3: and the files it was decoded from
+# 2: the index holds the split's channel statistics; 3: and the files it was decoded from;
+# 4: other sizes resized BICUBIC, then converted (as the official loader)
+CACHE_VERSION = 4
+Statistics = tuple[np.ndarray, np.ndarray]  # per-channel (mean, std) of pixels in [0, 1]
 
 
 class DatasetError(ValueError):
@@ -70,7 +74,7 @@ class ImageSplit:
     class_names: list[str]
     class_starts: np.ndarray  # index of each class's first image
     class_counts: np.ndarray
-    statistics: Optional[tuple[np.ndarray, np.ndarray]] = None  # channel_statistics, kept in the cache
+    statistics: Optional[Statistics] = None  # channel_statistics, kept in the cache
 
     def class_images(self, class_index: int) -> np.ndarray:
         start = self.class_starts[class_index]
@@ -150,11 +154,14 @@ def _stale_cache_reason(index: dict, manifest_text: str, files: SplitFiles) -> O
 
 
 def _decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """One image as uint8 [H, W, C] at `shape` (C, H, W).
+
+    A built training dataset already has the model's size (utils/preflight.py checks it); a cross-domain
+    test set of another size is resized as the official CxGrad loader resizes it (BICUBIC, then converted).
+    """
     channels, height, width = shape
     with Image.open(path) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
+        image = CXGRAD_RESIZE(image, (width, height), "L" if channels == 1 else "RGB")
         array = np.asarray(image, dtype=np.uint8)
     return array.reshape(height, width, channels)
 
@@ -270,14 +277,47 @@ def _decode_into_cache(folder: Path, files: SplitFiles, shape: tuple[int, int, i
     atomic_write_text(index_path, json.dumps(index))
 
 
+@dataclass(frozen=True, eq=False)
+class InputScaling:
+    """How uint8 pixels become the network's input: x / 255, in [0, 1]; with statistics, then (x - mean) / std.
+
+    `for_method` makes one from the config key input_normalisation.
+    """
+
+    statistics: Optional[Statistics] = None  # None: raw [0, 1]; a checkpoint records exactly this
+
+    @staticmethod
+    def for_method(method: str, statistics: Callable[[], Statistics]) -> "InputScaling":
+        """The one place that reads input_normalisation.
+
+        'none' feeds raw [0, 1], as the official CxGrad code does for the ImageNet-style datasets in
+        training and evaluation alike. 'dataset_statistics' standardises with `statistics()`, which is
+        called only then: the training split's, or for a trained model those its checkpoint recorded
+        (a cross-domain test applies the trained model's, not the test dataset's).
+        """
+        if method == "none":
+            return InputScaling()
+        if method == "dataset_statistics":
+            mean, std = statistics()
+            return InputScaling((np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)))
+        raise ValueError(f"input_normalisation {method!r}: expected 'none' or 'dataset_statistics'")
+
+    def apply(self, images: np.ndarray, out: np.ndarray) -> None:
+        """out [n, C, H, W] float32 from uint8 images [n, H, W, C], in place: no temporary copies."""
+        np.divide(images.transpose(0, 3, 1, 2), np.float32(255.0), out=out, dtype=np.float32)
+        if self.statistics is not None:
+            mean, std = self.statistics
+            np.subtract(out, mean.reshape(1, -1, 1, 1), out=out)
+            np.divide(out, std.reshape(1, -1, 1, 1), out=out)
+
+
 class TaskSampler:
     """N-way K-shot tasks with Q queries per class from one split."""
 
-    def __init__(self, split: ImageSplit, ways: int, shots: int, queries: int, mean: np.ndarray,
-                 std: np.ndarray, rotate_classes: bool = False, split_name: str = "split"):
+    def __init__(self, split: ImageSplit, ways: int, shots: int, queries: int, scaling: InputScaling,
+                 rotate_classes: bool = False, split_name: str = "split"):
         self.split, self.ways, self.shots, self.queries = split, ways, shots, queries
-        self.mean = mean.astype(np.float32).reshape(1, -1, 1, 1)
-        self.std = std.astype(np.float32).reshape(1, -1, 1, 1)
+        self.scaling = scaling
         self.rotate_classes = rotate_classes
         needed = shots + queries
         self.eligible = np.flatnonzero(split.class_counts >= needed)
@@ -308,14 +348,8 @@ class TaskSampler:
             query.append(images[self.shots:])
         return np.concatenate(support), np.concatenate(query)
 
-    def _normalise(self, images: np.ndarray, out: np.ndarray) -> None:
-        """out [n, C, H, W] = (images / 255 - mean) / std in float32, in place: no temporary copies."""
-        np.divide(images.transpose(0, 3, 1, 2), np.float32(255.0), out=out, dtype=np.float32)
-        np.subtract(out, self.mean, out=out)
-        np.divide(out, self.std, out=out)
-
     def batch(self, rngs: list[np.random.Generator], pin_memory: bool = False) -> TaskBatch:
-        """One task per generator, normalised straight into the (pinned, for CUDA) batch tensors."""
+        """One task per generator, scaled straight into the (pinned, for CUDA) batch tensors."""
         height, width, channels = self.split.images.shape[1:]
         tasks = len(rngs)
         support = torch.empty((tasks, self.ways * self.shots, channels, height, width), dtype=torch.float32,
@@ -325,8 +359,8 @@ class TaskSampler:
         support_out, query_out = support.numpy(), query.numpy()
         for task, rng in enumerate(rngs):
             support_images, query_images = self.draw(rng)
-            self._normalise(support_images, support_out[task])
-            self._normalise(query_images, query_out[task])
+            self.scaling.apply(support_images, support_out[task])
+            self.scaling.apply(query_images, query_out[task])
         labels = np.arange(self.ways)
         support_labels = torch.from_numpy(np.tile(np.repeat(labels, self.shots), (tasks, 1)))
         query_labels = torch.from_numpy(np.tile(np.repeat(labels, self.queries), (tasks, 1)))
@@ -335,8 +369,7 @@ class TaskSampler:
         return TaskBatch(support, support_labels, query, query_labels)
 
 
-def channel_statistics(split: ImageSplit, max_images: int = 20000,
-                       chunk_images: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def channel_statistics(split: ImageSplit, max_images: int = 20000, chunk_images: int = 256) -> Statistics:
     """Per-channel mean and std of a split in [0, 1], from an evenly spaced subset of its images.
 
     Summed exactly in integers, a chunk at a time: a float64 copy of mini-ImageNet's training split
@@ -363,14 +396,15 @@ def channel_statistics(split: ImageSplit, max_images: int = 20000,
 class FewShotDataProvider:
     """Training batches by iteration number and fixed evaluation batches, for one config.
 
-    `normalisation` (mean, std) defaults to the statistics of the training split; a checkpointed
-    model keeps the statistics it was trained with, also when it is tested on another dataset.
+    The input scaling is the config's input_normalisation. Where it standardises, `input_statistics`
+    gives the statistics: a trained model passes those its checkpoint recorded, also when it is
+    tested on another dataset; by default they are this dataset's training split's.
     `first_train_task` is the index of this process's first task in every meta-batch: rank r of a
     distributed run draws the global tasks r*B..r*B+B-1 (utils/distributed.py).
     """
 
     def __init__(self, config, dataset_folder: Optional[Path] = None, dataset_name: Optional[str] = None,
-                 normalisation: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                 input_statistics: Optional[Callable[[], Statistics]] = None,
                  splits: tuple[str, ...] = ("train", "val", "test"), first_train_task: int = 0):
         self.config = config
         self.first_train_task = first_train_task
@@ -380,19 +414,22 @@ class FewShotDataProvider:
         self.pin_memory = torch.cuda.is_available() and config.device != "cpu"
         self.splits = {name: load_split(self.folder, name, config.image_shape, config.load_into_memory)
                        for name in splits}
-        if normalisation is None:
-            train = self.splits.get("train") or load_split(self.folder, "train", config.image_shape, False)
-            normalisation = train.statistics
-        self.mean, self.std = normalisation
+        self.scaling = InputScaling.for_method(config.input_normalisation,
+                                               input_statistics or self._training_split_statistics)
         self.samplers = {
             name: TaskSampler(split, config.num_classes_per_set, config.num_samples_per_class,
-                              config.num_target_samples, self.mean, self.std,
+                              config.num_target_samples, self.scaling,
                               rotate_classes=(name == "train" and config.rotate_training_classes),
                               split_name=f"{self.name}/{name}")
             for name, split in self.splits.items()
         }
         self.workers = config.num_dataprovider_workers
         self._pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 0 else None
+
+    def _training_split_statistics(self) -> Statistics:
+        """This dataset's training split's channel statistics, kept in its decode cache."""
+        train = self.splits.get("train") or load_split(self.folder, "train", self.config.image_shape, False)
+        return train.statistics
 
     def close(self) -> None:
         """Stop the worker threads; batches they were preparing ahead are dropped."""

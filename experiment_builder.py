@@ -37,15 +37,16 @@ from utils.tensorboard_log import TensorBoardLog
 
 CHECKPOINT_FORMAT = 1
 # Keys that decide the shape or meaning of the saved parameters: a checkpoint trained with other
-# values cannot be loaded into this model.
+# values cannot be loaded into this model. The input scaling is one: weights trained on raw [0, 1]
+# pixels mean something else on standardised ones.
 ARCHITECTURE_KEYS = (
     "image_channels", "image_height", "image_width", "num_classes_per_set", "cnn_num_filters", "num_stages",
     "use_bias", "conv_padding", "max_pooling", "per_step_bn_statistics", "number_of_training_steps_per_iter",
     "learnable_per_layer_per_step_inner_loop_learning_rate", "enable_inner_loop_optimizable_bn_params",
-    "contextual_grad", "num_context_params", "activation",
+    "contextual_grad", "num_context_params", "activation", "input_normalisation",
 )
-# What checkpoints written before a key existed were trained with, for the architecture check.
-ARCHITECTURE_KEY_DEFAULTS_BEFORE = {"activation": "relu"}
+# What checkpoints saved before a key existed were trained with.
+VALUES_BEFORE_THE_KEY_EXISTED = {"activation": "relu", "input_normalisation": "dataset_statistics"}
 CHECKPOINT_KEYS = ("format", "network", "optimizer", "scheduler", "rng", "experiment", "config")
 
 
@@ -55,7 +56,11 @@ def fresh_epoch_progress() -> dict[str, Any]:
 
 
 def fresh_state() -> dict[str, Any]:
-    """What, besides the tensors, must survive a restart, as a new experiment starts it."""
+    """What, besides the tensors, must survive a restart, as a new experiment starts it.
+
+    "normalisation" is [mean, std] of the training split once training has started, and only when
+    input_normalisation is dataset_statistics (None otherwise): the test applies the model's own.
+    """
     return {"next_epoch": 0, "epoch_rows": [], "normalisation": None, "epoch_progress": fresh_epoch_progress(),
             "nonfinite_in_a_row": 0}
 
@@ -102,14 +107,17 @@ class ExperimentBuilder:
                 "world_size": self.distributed.world_size}
 
     def _check_compatible(self, saved_config: dict[str, Any], path: Path) -> None:
-        saved = {key: saved_config.get(key, ARCHITECTURE_KEY_DEFAULTS_BEFORE.get(key)) for key in ARCHITECTURE_KEYS}
-        differing = [f"{key} (checkpoint: {saved[key]!r}, now: {getattr(self.config, key)!r})"
-                     for key in ARCHITECTURE_KEYS if saved[key] != getattr(self.config, key)]
-        if differing:
+        saved_config = {**VALUES_BEFORE_THE_KEY_EXISTED, **saved_config}
+        keys = [key for key in ARCHITECTURE_KEYS if saved_config.get(key) != getattr(self.config, key)]
+        if keys:
+            differing = [f"{key} (checkpoint: {saved_config.get(key)!r}, now: {getattr(self.config, key)!r})"
+                         for key in keys]
+            # A config.yaml written before a key existed lacks it, so the options are spelled out too.
+            options = " ".join(f"--{key} {saved_config.get(key)}" for key in keys)
             raise CheckpointError(
                 f"checkpoint {path} was trained with another architecture; differing keys: "
                 + "; ".join(differing) + ". Use the config it was trained with (saved in "
-                f"{self.folder / 'config.yaml'}) or another --experiment_name.")
+                f"{self.folder / 'config.yaml'}; these options restore it: {options}) or another --experiment_name.")
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
@@ -235,15 +243,27 @@ class ExperimentBuilder:
         # Under torchrun they are rank 0's share of the tasks.
         inner_loop_log = (InnerLoopStatisticsLog(self.logs_folder / STATISTICS_FILE, self.state["next_epoch"])
                           if config.log_inner_loop_statistics and self.distributed.is_main else None)
+        # A resumed run keeps the statistics it started with, even if the dataset was rebuilt since.
+        recorded = self._recorded_input_statistics if self.state["normalisation"] is not None else None
         with self.distributed.main_first():  # one process decodes the dataset into its cache
-            provider = FewShotDataProvider(config, splits=("train", "val"),
+            provider = FewShotDataProvider(config, input_statistics=recorded, splits=("train", "val"),
                                            first_train_task=self.distributed.rank * config.batch_size)
-        if self.state["normalisation"] is None:
-            self.state["normalisation"] = [provider.mean.tolist(), provider.std.tolist()]
+        statistics = provider.scaling.statistics  # recorded only when used
+        self.state["normalisation"] = None if statistics is None else [values.tolist() for values in statistics]
         # The worker threads end with training, also on an error or a signal, instead of preparing batches
         # nobody will read until the interpreter exits.
         with closing(provider):
             return self._run_epochs(provider, inner_loop_log, tensorboard)
+
+    def _recorded_input_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training split's (mean, std) the checkpoint recorded; asked for only by dataset_statistics."""
+        if self.state["normalisation"] is None:
+            raise CheckpointError(
+                f"input_normalisation is dataset_statistics, but the checkpoints in {self.models_folder} "
+                f"record no input statistics (they were trained with input_normalisation none); test with "
+                f"--input_normalisation none, the config they were trained with ({self.folder / 'config.yaml'})")
+        mean, std = (np.asarray(values, dtype=np.float32) for values in self.state["normalisation"])
+        return mean, std
 
     def _run_epochs(self, provider: FewShotDataProvider, inner_loop_log: Optional[InnerLoopStatisticsLog],
                            tensorboard: Optional[TensorBoardLog]) -> bool:
@@ -386,10 +406,9 @@ class ExperimentBuilder:
             raise CheckpointError(f"no epoch checkpoints left in {self.models_folder}")
         test_name = config.test_dataset or config.dataset_name
         folder = (config.dataset_folder.parent / test_name) if config.test_dataset else None
-        mean, std = (np.asarray(v, dtype=np.float32) for v in self.state["normalisation"])
-        with self.distributed.main_first():
+        with self.distributed.main_first():  # the trained model's input scaling, also on another dataset
             provider = FewShotDataProvider(config, dataset_folder=folder, dataset_name=test_name,
-                                           normalisation=(mean, std), splits=("test",))
+                                           input_statistics=self._recorded_input_statistics, splits=("test",))
         val_accuracy = {row["epoch"]: row["val_accuracy_mean"] for row in self.state["epoch_rows"]}
         per_model, summed = [], None
         for epoch in epochs:

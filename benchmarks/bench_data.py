@@ -11,7 +11,7 @@ Two settings, each with its shipped config:
 
 For each it measures
 - cold start: the first FewShotDataProvider, which decodes every image of the three splits into the
-  uint8 cache (DATASET/.cache) and computes the normalisation; warm start: the next one, cache present;
+  uint8 cache (DATASET/.cache) and computes its channel statistics; warm start: the next one, cache present;
 - loader throughput: task batches per second out of `train_batches`, with the config's
   num_dataprovider_workers and with 0, 1 and 2 worker threads (--workers);
 - training: the median seconds of MAMLFewShotClassifier.run_train_iter over --iterations meta-batches

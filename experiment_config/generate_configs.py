@@ -25,16 +25,18 @@ COMMON = {
     "second_order": True, "first_order_to_second_order_epoch": -1,
 }
 
-# Dataset-level settings: image shape, filters, inner rate, schedule, queries, meta-batch per shot.
-# The RGB datasets share the mini-ImageNet recipe of MAML++ and CxGrad and differ only in image size
-# and (tiered-ImageNet) length.
-RGB = dict(image_height=84, image_width=84, image_channels=3, cnn_num_filters=48,
+# Dataset-level settings: image shape, input scaling, filters, inner rate, schedule, queries, meta-batch
+# per shot. The RGB datasets share the mini-ImageNet recipe of MAML++ and CxGrad and differ only in image
+# size and (tiered-ImageNet) length; they are fed raw [0, 1] pixels as the official CxGrad code feeds
+# them. Omniglot keeps this project's standardisation with its training split's statistics (the
+# official CxGrad code has no Omniglot input path).
+RGB = dict(image_height=84, image_width=84, image_channels=3, input_normalisation="none", cnn_num_filters=48,
            init_inner_loop_learning_rate=0.01, min_learning_rate=0.001, total_epochs=100,
            total_iter_per_epoch=500, num_target_samples=15, batch_size={1: 4, 5: 2})
 DATASETS = {
-    "omniglot": dict(image_height=28, image_width=28, image_channels=1, cnn_num_filters=64,
-                     init_inner_loop_learning_rate=0.1, min_learning_rate=0.00001, total_epochs=100,
-                     total_iter_per_epoch=500, num_target_samples=1, batch_size={1: 8, 5: 8}),
+    "omniglot": dict(image_height=28, image_width=28, image_channels=1, input_normalisation="dataset_statistics",
+                     cnn_num_filters=64, init_inner_loop_learning_rate=0.1, min_learning_rate=0.00001,
+                     total_epochs=100, total_iter_per_epoch=500, num_target_samples=1, batch_size={1: 8, 5: 8}),
     "mini_imagenet": RGB,
     "tiered_imagenet": dict(RGB, total_epochs=250),
     "CIFAR_FS": dict(RGB, image_height=32, image_width=32),

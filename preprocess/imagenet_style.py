@@ -15,11 +15,13 @@ differ only in the archive's name and layout, the split rule and the image size:
   class folder names, index i goes to train if i % 2 == 0, val if i % 4 == 1, test if
   i % 4 == 3 (100 / 50 / 50 classes, 11,788 images).
 
-Output images are 84x84 RGB (32x32 RGB for CIFAR-FS): `convert('RGB')`, then a LANCZOS
-resize to the square size without cropping (as MAML++ and the original mini-ImageNet
-scripts do), skipped when an image already has that size; source images of any size are
-accepted. See preprocess/images.py for
-which files are copied unchanged and for the rule on files that are not images.
+Output images are 84x84 RGB (32x32 RGB for CIFAR-FS), made as the official CxGrad loader
+makes them at load time: a Pillow BICUBIC resize to the square size without cropping, then
+`convert('RGB')` (preprocess.images.CXGRAD_RESIZE); an image already that size is only
+converted. Source images of any size are accepted. The recipe is recorded in the manifest's
+"settings", so a build made with another one (before: convert, then LANCZOS) is rebuilt. See
+preprocess/images.py for which files are copied unchanged and for the rule on files that are
+not images.
 
 The class counts above are checked only as a warning, so that small archives with the same
 layout (tests, a custom subset) build too; what is always checked is the split structure:
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from preprocess.archives import PreprocessError, safe_extract
-from preprocess.images import BadImages, ImageFormat, convert_classes
+from preprocess.images import CXGRAD_RESIZE, BadImages, ImageFormat, convert_classes
 
 SPLITS = ("train", "val", "test")
 
@@ -68,7 +70,7 @@ class ArchiveDataset:
 
     @property
     def image_format(self) -> ImageFormat:
-        return ImageFormat(self.image_size, self.image_size, "RGB")
+        return ImageFormat(self.image_size, self.image_size, "RGB", CXGRAD_RESIZE)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -79,7 +81,7 @@ class ArchiveDataset:
         """What determines the output besides the archive itself; compared on re-runs."""
         return {
             "split_rule": self.split_rule,
-            "resize": f"convert('RGB'), LANCZOS to {self.image_size}x{self.image_size} without cropping; "
+            "resize": f"{CXGRAD_RESIZE.describe((self.image_size, self.image_size), 'RGB')}, without cropping; "
                       f"JPEG/PNG files already {self.image_size}x{self.image_size} RGB are copied unchanged",
         }
 

@@ -5,8 +5,10 @@ extracted archive becomes `SPLIT/CLASS/` in the output, every file in it decoded
 written at the dataset's size and colour mode. Files already in the target format (size,
 mode, and a JPEG or PNG with a matching suffix) are copied byte for byte instead: that is
 lossless and keeps an 84x84 JPEG at a few kB instead of a PNG several times larger. Every
-other image is converted (`convert(mode)`, then LANCZOS resize if the size differs) and
-written as PNG under its original stem.
+other image is brought to the format by the dataset's `Resize` recipe and written as PNG under
+its original stem. Two recipes exist: the official CxGrad loader's (Pillow BICUBIC, resize then
+convert the colour mode), used by the ImageNet-style datasets and by data.py for a cross-domain
+test set; and convert-then-LANCZOS, which Omniglot keeps from MAML++.
 
 Bad files: archives from the internet sometimes hold a truncated JPEG or a stray
 `notes.txt` among the images. By default such a file stops the build with an error
@@ -37,12 +39,48 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
+class Resize:
+    """How an image of another size and colour mode is brought to the target ones, without cropping.
+
+    `filter` names a Pillow resampling filter; `convert_first` converts the colour mode before
+    resizing instead of after. The order matters beyond rounding: Pillow resizes palette ('P')
+    and bilevel ('1') images with NEAREST whatever the filter, and RGBA with premultiplied alpha.
+    """
+
+    filter: str
+    convert_first: bool
+
+    def __call__(self, image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
+        """`image` at `size` (width, height) in `mode`; an image already that size is only converted."""
+        if self.convert_first:
+            image = image.convert(mode)
+        if image.size != size:
+            image = image.resize(size, Image.Resampling[self.filter])
+        return image if self.convert_first else image.convert(mode)
+
+    def describe(self, size: tuple[int, int], mode: str) -> str:
+        """The recipe in words, as the manifest records it (a changed recipe rebuilds the dataset)."""
+        resize = f"Pillow {self.filter} resize to {size[0]}x{size[1]}"
+        convert = f"convert('{mode}')"
+        return f"{convert}, then {resize}" if self.convert_first else f"{resize}, then {convert}"
+
+
+# The official CxGrad loader: `Image.open(path).resize((H, W)).convert('RGB')` with Pillow's default
+# filter, BICUBIC. The ImageNet-style datasets are built with it and data.py resizes a cross-domain
+# test set with it, so both see the pixels the official code sees.
+CXGRAD_RESIZE = Resize("BICUBIC", convert_first=False)
+# MAML++'s Omniglot preprocessing (greyscale, then LANCZOS), which Omniglot keeps.
+CONVERT_THEN_LANCZOS = Resize("LANCZOS", convert_first=True)
+
+
+@dataclass(frozen=True)
 class ImageFormat:
-    """The size and PIL colour mode ('L' or 'RGB') every output image has."""
+    """The size and PIL colour mode ('L' or 'RGB') every output image has, and how other images get them."""
 
     width: int
     height: int
     mode: str
+    resize: Resize = CONVERT_THEN_LANCZOS
 
 
 @dataclass
@@ -85,10 +123,7 @@ def _decode(path: Path, image_format: ImageFormat) -> Image.Image | None:
         if (image.size == size and image.mode == image_format.mode
                 and path.suffix.lower() in _COPYABLE_SUFFIXES.get(image.format or "", ())):
             return None
-        converted = image.convert(image_format.mode)
-    if converted.size != size:
-        converted = converted.resize(size, Image.LANCZOS)
-    return converted
+        return image_format.resize(image, size, image_format.mode)
 
 
 def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat, bad_images: BadImages) -> int:

@@ -183,13 +183,18 @@ def _count_splits(dataset_dir: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _matches_recipe(manifest: dict[str, Any], name: str, recipe: DatasetRecipe) -> bool:
-    """True if an existing build was made by the current code with the current settings."""
+def _differences_from_recipe(manifest: dict[str, Any], name: str, recipe: DatasetRecipe) -> list[str]:
+    """What an existing build was made with differently from the current code and settings (empty: nothing).
+
+    Settings are compared entry by entry, so that e.g. a build from an older resize recipe says so.
+    """
     settings_as_json = json.loads(json.dumps(recipe.settings))  # tuples -> lists, like the stored copy
-    return (manifest.get("format_version") == FORMAT_VERSION
-            and manifest.get("dataset") == name
-            and manifest.get("image_size") == list(recipe.image_shape)
-            and manifest.get("settings") == settings_as_json)
+    stored = manifest.get("settings")
+    stored = stored if isinstance(stored, dict) else {}
+    expected = {"format_version": FORMAT_VERSION, "dataset": name, "image_size": list(recipe.image_shape)}
+    return ([key for key, value in expected.items() if manifest.get(key) != value]
+            + [key for key in sorted(settings_as_json.keys() | stored.keys())
+               if stored.get(key) != settings_as_json.get(key)])
 
 
 def _skipped_note(manifest: dict[str, Any]) -> str:
@@ -243,8 +248,8 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
             reason = "rebuild forced"
         elif manifest is None:
             reason = "no manifest" if dataset_dir.exists() else "not built yet"
-        elif not _matches_recipe(manifest, name, recipe):
-            reason = "existing build has a different format or settings"
+        elif differences := _differences_from_recipe(manifest, name, recipe):
+            reason = f"existing build has a different format or settings: {', '.join(differences)}"
         elif request.source is None:
             print(f"{name}: already built at {dataset_dir}{_skipped_note(manifest)}", flush=True)
             return dataset_dir

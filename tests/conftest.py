@@ -49,6 +49,7 @@ def tiny_overrides(datasets_dir: Path, experiments_dir: Path, **extra) -> dict:
     overrides = dict(
         dataset_name="toy", datasets_dir=str(datasets_dir), experiments_dir=str(experiments_dir),
         experiment_name="tiny", image_height=16, image_width=16, image_channels=1, cnn_num_filters=8,
+        input_normalisation="dataset_statistics",  # grey glyphs, as the Omniglot configs
         num_stages=3, batch_size=2, num_target_samples=3, number_of_training_steps_per_iter=2,
         number_of_evaluation_steps_per_iter=2, total_epochs=3, total_iter_per_epoch=3,
         num_evaluation_tasks=6, max_models_to_save=2, show_progress=False, init_inner_loop_learning_rate=0.1,

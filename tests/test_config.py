@@ -1,6 +1,7 @@
 """The typed config: reference key names load, overrides apply, mistakes name the key."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -58,6 +59,32 @@ def test_every_shipped_config_loads():
     assert (published.batch_size, published.cnn_num_filters, published.num_target_samples) == (4, 48, 15)
     assert (published.init_inner_loop_learning_rate, published.meta_learning_rate) == (0.01, 0.001)
     assert published.second_order and not published.use_multi_step_loss_optimization
+
+
+# The input scaling each dataset's shipped configs use: the official CxGrad input (raw [0, 1]) for the
+# ImageNet-style datasets; Omniglot and the generated glyphs keep the training split's standardisation.
+SHIPPED_INPUT_NORMALISATION = {"mini_imagenet": "none", "tiered_imagenet": "none", "CIFAR_FS": "none", "CUB": "none",
+                               "omniglot": "dataset_statistics", "synthetic_glyphs": "dataset_statistics"}
+
+
+def test_shipped_configs_pin_the_input_scaling_per_dataset():
+    paths = [*(REPO / "experiment_config").glob("*/*.json"), *(REPO / "experiment_config").glob("*/*.yaml")]
+    scaling = {}
+    for path in paths:
+        config = load_config(path)
+        scaling.setdefault(config.dataset_name, set()).add(config.input_normalisation)
+    assert scaling == {name: {method} for name, method in SHIPPED_INPUT_NORMALISATION.items()}
+    # A config without the key, such as the reference's own, gets the reference's input.
+    assert load_config().input_normalisation == "none"
+
+
+def test_generated_configs_are_up_to_date():
+    """The JSON configs are what generate_configs.py writes: python experiment_config/generate_configs.py."""
+    generate_configs = importlib.import_module("experiment_config.generate_configs")
+    for dataset, ways, shots in generate_configs.SETTINGS:
+        for method in generate_configs.METHODS:
+            path = REPO / "experiment_config" / f"{dataset}_{ways}way_{shots}shot" / f"{method}.json"
+            assert json.loads(path.read_text()) == generate_configs.config_for(dataset, ways, shots, method), path
 
 
 def test_yaml_and_command_line_overrides(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import data
 from conftest import make_toy_dataset
-from data import DatasetError, FewShotDataProvider, ImageSplit, TaskSampler, load_split
+from data import DatasetError, FewShotDataProvider, ImageSplit, InputScaling, TaskSampler, load_split
 
 
 def batches_equal(first: list[data.TaskBatch], second: list[data.TaskBatch]) -> bool:
@@ -25,13 +25,12 @@ def batches_equal(first: list[data.TaskBatch], second: list[data.TaskBatch]) -> 
 
 
 def pixels_of(folder: Path, size: int, mode: str) -> np.ndarray:
-    """Every image of a class folder read straight with PIL, converted as the cache does."""
+    """Every image of a class folder read straight with PIL as the official CxGrad loader reads a test
+    dataset of another size: resized with BICUBIC, then converted."""
     arrays = []
     for path in sorted(folder.iterdir()):
         with Image.open(path) as image:
-            image = image.convert(mode)
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.LANCZOS)
+            image = image.resize((size, size), Image.Resampling.BICUBIC).convert(mode)
             arrays.append(np.asarray(image).reshape(size, size, -1))
     return np.stack(arrays)
 
@@ -138,7 +137,7 @@ def numbered_split(class_counts: list[int]) -> ImageSplit:
 
 def test_tasks_are_n_way_k_shot_with_labels_shuffled_per_task():
     split = numbered_split([6] * 8)
-    sampler = TaskSampler(split, ways=5, shots=2, queries=3, mean=np.zeros(1), std=np.ones(1))
+    sampler = TaskSampler(split, ways=5, shots=2, queries=3, scaling=InputScaling())
     batch = sampler.batch([np.random.default_rng(seed) for seed in range(40)])
     assert batch.support_images.shape == (40, 10, 1, 1, 1) and batch.query_images.shape == (40, 15, 1, 1, 1)
     label_orders = set()
@@ -160,13 +159,13 @@ def test_tasks_are_n_way_k_shot_with_labels_shuffled_per_task():
 def test_too_small_classes_are_reported_and_never_sampled_or_refused():
     split = numbered_split([7, 2, 7, 7, 3, 6, 6, 6])
     with pytest.warns(UserWarning, match=r"train: 2 classes have fewer than 4 images .* class1, class4"):
-        sampler = TaskSampler(split, ways=5, shots=1, queries=3, mean=np.zeros(1), std=np.ones(1),
+        sampler = TaskSampler(split, ways=5, shots=1, queries=3, scaling=InputScaling(),
                               split_name="train")
     batch = sampler.batch([np.random.default_rng(seed) for seed in range(50)])
     seen = np.rint(torch.cat([batch.support_images, batch.query_images], 1).flatten().numpy() * 255).astype(int)
     assert not set(seen) & {7, 8, 23, 24, 25}  # the images of class1 and class4
     with pytest.warns(UserWarning), pytest.raises(DatasetError, match="only 3 classes .* fewer than the 5 ways"):
-        TaskSampler(split, ways=5, shots=1, queries=6, mean=np.zeros(1), std=np.ones(1), split_name="train")
+        TaskSampler(split, ways=5, shots=1, queries=6, scaling=InputScaling(), split_name="train")
 
 
 # ------------------------------------------------------------------ seeded streams
@@ -196,25 +195,37 @@ def test_evaluation_tasks_are_fixed_across_calls_providers_and_batch_sizes(tiny_
     assert not batches_equal(list(other_seed.evaluation_batches("val", 6, 4)), tasks)
 
 
-def test_normalisation_of_the_training_split_is_used_for_training_and_evaluation(tiny_config, toy_datasets):
-    """The toy images are black and white: undoing the normalisation with the right statistics gives 0 and 255."""
-    provider = FewShotDataProvider(tiny_config())
-    train = load_split(toy_datasets / "toy", "train", (1, 16, 16))
-    raw = np.asarray(train.images, dtype=np.float64) / 255.0
-    np.testing.assert_allclose(provider.mean, [raw.mean()], rtol=1e-6)
-    np.testing.assert_allclose(provider.std, [raw.std()], rtol=1e-6)
+def pixel_values(batch: data.TaskBatch, mean=0.0, std=1.0) -> set[float]:
+    """The 0..255 values a batch's inputs come from, undoing a standardisation with (mean, std)."""
+    images = torch.cat([batch.support_images, batch.query_images], 1).numpy()
+    return set(np.unique(np.round((images * std + mean) * 255, 3)))
 
-    def pixel_values(batch, mean, std):
-        images = torch.cat([batch.support_images, batch.query_images], 1).numpy()
-        return set(np.unique(np.round((images * std + mean) * 255, 3)))
 
+def test_input_normalisation_none_feeds_raw_pixels_in_zero_one(tiny_config):
+    """The official CxGrad input: the toy images are black and white, so the inputs are exactly 0 and 1."""
+    provider = FewShotDataProvider(tiny_config(input_normalisation="none"))
+    assert provider.scaling.statistics is None
     for batch in (provider.train_batch(0), next(provider.evaluation_batches("val", 4, 4)),
                   next(provider.evaluation_batches("test", 4, 4))):
-        assert pixel_values(batch, provider.mean, provider.std) == {0.0, 255.0}
+        assert pixel_values(batch) == {0.0, 255.0}
+
+
+def test_dataset_statistics_of_the_training_split_are_used_for_training_and_evaluation(tiny_config, toy_datasets):
+    """Undoing the standardisation with the right statistics gives the toy images' 0 and 255 again."""
+    provider = FewShotDataProvider(tiny_config(input_normalisation="dataset_statistics"))
+    train = load_split(toy_datasets / "toy", "train", (1, 16, 16))
+    raw = np.asarray(train.images, dtype=np.float64) / 255.0
+    mean, std = provider.scaling.statistics
+    np.testing.assert_allclose(mean, [raw.mean()], rtol=1e-6)
+    np.testing.assert_allclose(std, [raw.std()], rtol=1e-6)
+    for batch in (provider.train_batch(0), next(provider.evaluation_batches("val", 4, 4)),
+                  next(provider.evaluation_batches("test", 4, 4))):
+        assert pixel_values(batch) != {0.0, 255.0}  # standardised, not raw
+        assert pixel_values(batch, mean, std) == {0.0, 255.0}
     # The ensemble test passes the statistics the model was trained with, also to another dataset.
-    other = FewShotDataProvider(tiny_config(dataset_name="toy_other"), normalisation=(provider.mean, provider.std),
-                                splits=("test",))
+    other = FewShotDataProvider(tiny_config(dataset_name="toy_other", input_normalisation="dataset_statistics"),
+                                input_statistics=lambda: (mean, std), splits=("test",))
     batch = next(other.evaluation_batches("test", 2, 2))
-    assert pixel_values(batch, provider.mean, provider.std) == {0.0, 255.0}
+    assert pixel_values(batch, mean, std) == {0.0, 255.0}
     other_mean, other_std = data.channel_statistics(load_split(toy_datasets / "toy_other", "train", (1, 16, 16)))
     assert pixel_values(batch, other_mean, other_std) != {0.0, 255.0}

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import FewShotDataProvider
+import data
+import experiment_builder
+from data import FewShotDataProvider, load_split
 from experiment_builder import ExperimentBuilder, mean_and_confidence
 from utils.storage import CheckpointError, checkpoint_path, load_checkpoint, saved_epochs
 
@@ -80,8 +82,7 @@ def test_experiment_files_checkpoints_and_ensemble_summary(tiny_config):
     assert saved == json.loads(json.dumps(summary))
     assert list(csv.DictReader(open(folder / "test_summary.csv")))[0]["ensemble_test_accuracy"]
     assert [m["epoch"] for m in saved["models"]] == best
-    provider = FewShotDataProvider(config, normalisation=tuple(np.asarray(v, dtype=np.float32) for v in
-                                                                 builder.state["normalisation"]), splits=("test",))
+    provider = FewShotDataProvider(config, input_statistics=lambda: builder.state["normalisation"], splits=("test",))
     batches = list(provider.evaluation_batches("test", config.num_evaluation_tasks, 4))
     labels = torch.cat([b.query_labels for b in batches])
     probabilities = []
@@ -118,6 +119,49 @@ def test_test_only_mode_and_cross_domain(tiny_config):
     assert cross["dataset"] == "toy_other" and cross["trained_on"] == "toy"
     assert (config.experiment_folder / "test_summary_toy_other.json").exists()
     assert json.loads(summary_file.read_text())["dataset"] == "toy"  # the in-domain summary is kept
+
+
+def test_checkpoint_keeps_input_statistics_only_when_used_and_tests_apply_the_trained_choice(
+        tiny_config, toy_datasets, monkeypatch):
+    test_providers = []
+
+    class RecordingProvider(FewShotDataProvider):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            test_providers.append(self)
+
+    def config(name, normalisation, **extra):
+        return tiny_config(experiment_name=name, input_normalisation=normalisation, total_epochs=1, **extra)
+
+    def latest_checkpoint(name):
+        folder = tiny_config(experiment_name=name).experiment_folder
+        return load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+
+    run(config("raw", "none"))
+    assert latest_checkpoint("raw")["experiment"]["normalisation"] is None
+    run(config("standardised", "dataset_statistics"))
+    trained_statistics = data.channel_statistics(load_split(toy_datasets / "toy", "train", (1, 16, 16)))
+    np.testing.assert_allclose(latest_checkpoint("standardised")["experiment"]["normalisation"], trained_statistics)
+
+    # A cross-domain test applies the trained model's scaling, not the test dataset's statistics.
+    monkeypatch.setattr(experiment_builder, "FewShotDataProvider", RecordingProvider)
+    for name, normalisation in (("raw", "none"), ("standardised", "dataset_statistics")):
+        summary = ExperimentBuilder(config(name, normalisation, evaluate_on_test_set_only=True,
+                                          test_dataset="toy_other")).run_experiment()
+        assert summary["dataset"] == "toy_other"
+    raw_test, standardised_test = test_providers
+    assert raw_test.scaling.statistics is None
+    np.testing.assert_allclose(standardised_test.scaling.statistics, trained_statistics)
+
+    # Testing (or resuming) with the other scaling is refused; checkpoints from before the key were standardised.
+    with pytest.raises(CheckpointError, match=r"input_normalisation \(checkpoint: 'none', now: 'dataset_statistics'\)"):
+        ExperimentBuilder(config("raw", "dataset_statistics", evaluate_on_test_set_only=True)).run_experiment()
+    older = {key: value for key, value in latest_checkpoint("standardised")["config"].items()
+             if key != "input_normalisation"}
+    ExperimentBuilder(config("standardised", "dataset_statistics"))._check_compatible(older, Path("older"))
+    with pytest.raises(CheckpointError, match=r"input_normalisation \(checkpoint: 'dataset_statistics', now: 'none'\)"
+                                              r".*these options restore it: --input_normalisation dataset_statistics"):
+        ExperimentBuilder(config("standardised", "none"))._check_compatible(older, Path("older"))
 
 
 def test_continue_from_a_given_epoch_and_refusals(tiny_config):

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -191,6 +192,62 @@ def test_images_already_in_target_format_are_copied_unchanged(tmp_path: Path) ->
     dataset_dir = prepare_dataset("tiered_imagenet", source=_source(tmp_path, case, members), dest=tmp_path / "out")
     assert (dataset_dir / "test" / "n07" / "ready.jpg").read_bytes() == ready_jpeg
     assert read_manifest(dataset_dir)["splits"]["test"] == {"classes": 2, "images": 7}
+
+
+def _official_loader_pixels(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """What the official CxGrad loader reads, `Image.open(f).resize(size).convert('RGB')`, with Pillow's
+    default filter spelled out (BICUBIC) so that the test does not hang on Pillow's default."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.resize(size, Image.Resampling.BICUBIC).convert("RGB"))
+
+
+def _old_recipe_pixels(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """What this project wrote before following the official loader: convert('RGB'), then LANCZOS."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+
+
+# A training class folder of each archive, where the resize test adds its images.
+CLASS_MEMBER_FOLDERS = {"CIFAR_FS": ("cifar100/data/apple", "train/apple"),
+                        "CUB": ("CUB_200_2011/images/001.Albatross", "train/001.Albatross")}
+
+
+@pytest.mark.parametrize("name", sorted(CLASS_MEMBER_FOLDERS))
+def test_images_are_resized_as_the_official_loader_does(tmp_path: Path, name: str) -> None:
+    """BICUBIC, then convert('RGB'). The filter shows on an RGB JPEG, the order on a palette PNG: Pillow
+    resizes 'P' images with NEAREST, so converting first (as before) gives other pixels."""
+    case = CASES[name]
+    member_folder, output_folder = CLASS_MEMBER_FOLDERS[name]
+    sources = {"rgb.jpg": _image_bytes("JPEG", mode="RGB", shade=1), "palette.png": _image_bytes("PNG", mode="P")}
+    members = {**_members(case), **{f"{member_folder}/{file}": data for file, data in sources.items()}}
+    dataset_dir = prepare_dataset(name, source=_source(tmp_path, case, members), dest=tmp_path / "datasets")
+    for file, data in sources.items():
+        with Image.open(dataset_dir / output_folder / f"{Path(file).stem}.png") as image:
+            built = np.asarray(image)
+        np.testing.assert_array_equal(built, _official_loader_pixels(data, case.shape), err_msg=file)
+        assert not np.array_equal(built, _old_recipe_pixels(data, case.shape)), file
+
+
+def test_a_build_from_another_resize_recipe_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A manifest from before the official resize (another recipe, or none recorded) is not reused."""
+    case = CASES["mini_imagenet"]
+    source, dest = _source(tmp_path, case), tmp_path / "datasets"
+    dataset_dir = prepare_dataset("mini_imagenet", source=source, dest=dest)
+    manifest = read_manifest(dataset_dir)
+    assert manifest["settings"]["resize"].startswith("Pillow BICUBIC resize to 84x84, then convert('RGB')")
+    image = dataset_dir / "test" / "n07" / "n07_0.png"
+    official = image.read_bytes()
+    old_settings = [{**manifest["settings"], "resize": "convert('RGB'), LANCZOS to 84x84 without cropping; "
+                     "JPEG/PNG files already 84x84 RGB are copied unchanged"},
+                    {"split_rule": manifest["settings"]["split_rule"]}]
+    for settings in old_settings:
+        (dataset_dir / "manifest.json").write_text(json.dumps({**manifest, "settings": settings}))
+        Image.new("RGB", case.shape).save(image)  # stands for the pixels of the old build
+        capsys.readouterr()
+        prepare_dataset("mini_imagenet", source=source, dest=dest)
+        assert "existing build has a different format or settings: resize" in capsys.readouterr().out
+        assert image.read_bytes() == official
+        assert read_manifest(dataset_dir)["settings"] == manifest["settings"]
 
 
 def test_dest_raw_folder_is_searched_without_source(tmp_path: Path) -> None:

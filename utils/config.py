@@ -64,6 +64,10 @@ class ExperimentConfig:
     evaluation_batch_size: Optional[int] = _field(None, "tasks per batch at evaluation (default: batch_size)", minimum=1)
     augment_images: Optional[bool] = _field(
         None, "rotate training classes by multiples of 90 degrees (default: on for omniglot only)")
+    input_normalisation: str = _field(
+        "none", "input pixel scaling: none feeds raw [0, 1] values (the official CxGrad input); "
+        "dataset_statistics standardises each channel with the training split's mean and std, which the "
+        "checkpoint keeps for the test", choices=("none", "dataset_statistics"))
     load_into_memory: bool = _field(True, "keep decoded images in memory (off: memory-mapped cache)")
     num_dataprovider_workers: int = _field(0, "background threads preparing task batches", minimum=0)
     test_dataset: Optional[str] = _field(None, "dataset whose test split the ensemble test uses (cross-domain)")
