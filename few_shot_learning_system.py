@@ -95,6 +95,14 @@ class ContextualGradientScaling(nn.Module):
             rescaled[name] = gamma[:, index].view_as(norm) * weight / norm
         return rescaled, gamma
 
+    def warm_up(self, context: Tensor, fast_params: dict[str, Tensor],
+                support_loss: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+        """Step 2: one step of phi on the support loss, first order: the outer loop does not
+        differentiate this step (g still learns through every later use of g(phi))."""
+        rescaled, _ = self.rescale(fast_params, context)
+        context_grad, = torch.autograd.grad(support_loss(rescaled).sum(), context)
+        return self.step(context, context_grad)
+
     def step(self, context: Tensor, context_grad: Tensor) -> Tensor:
         """Step 3d: phi <- phi - beta * dL/dphi."""
         return context - self.context_learning_rate * context_grad
@@ -119,6 +127,17 @@ def has_fast_bf16(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without the query
         return False
+
+
+def _keep_graph(tensor: Tensor) -> Tensor:
+    """Meta-training: adapted tensors stay in the graph of the meta-parameters."""
+    return tensor
+
+
+def _evaluation_leaf(tensor: Tensor) -> Tensor:
+    """Evaluation: no graph to the meta-parameters or across inner steps; each adapted tensor is a
+    fresh leaf whose gradient the next step takes."""
+    return tensor.detach().requires_grad_()
 
 
 def keep_local_gradients(parameters: Iterable[nn.Parameter]) -> None:
@@ -203,64 +222,55 @@ class MAMLFewShotClassifier(nn.Module):
     # ------------------------------------------------------------------ the inner loop
     def inner_loop(self, task: TaskBatch, num_steps: int, second_order: bool, query_step_weights: np.ndarray,
                    track_meta_graph: bool = True) -> InnerLoopResult:
-        """Adapt to every task of `task` at once (tasks are the leading dimension).
+        """Adapt to every task of `task` at once (tasks are the leading dimension); CXGRAD.md, "One task".
 
         `query_step_weights[k]` weights the query loss after step k (0 skips it). With
-        `track_meta_graph` off (evaluation), no graph to the meta-parameters is kept at all.
+        `track_meta_graph` off (evaluation), no graph to the meta-parameters is kept at all: every
+        adapted tensor becomes a fresh leaf after each step (`_evaluation_leaf`).
         """
         tasks = task.num_tasks
-        meta_params = dict(self.classifier.named_parameters())
-        if not track_meta_graph:
-            meta_params = {name: value.detach() for name, value in meta_params.items()}
-        fast = {name: meta_params[name].unsqueeze(0).expand(tasks, *meta_params[name].shape)
-                for name in self.inner_loop_param_names}
-        if not track_meta_graph:
-            fast = {name: value.clone().requires_grad_() for name, value in fast.items()}
-        frozen = {name: value for name, value in meta_params.items() if name not in fast}
+        cut = _keep_graph if track_meta_graph else _evaluation_leaf
         create_graph = second_order and track_meta_graph
+        meta_params = dict(self.classifier.named_parameters())
+        fast = {name: cut(meta_params[name].unsqueeze(0).expand(tasks, *meta_params[name].shape))
+                for name in self.inner_loop_param_names}
+        frozen = {name: value if track_meta_graph else value.detach()
+                  for name, value in meta_params.items() if name not in fast}
 
         def support_loss(params: dict[str, Tensor], step: int, double_backward: bool) -> Tensor:
             logits = self.network(task.support_images, {**frozen, **params}, step, double_backward)
             return per_task_cross_entropy(logits, task.support_labels)
 
         context = None
-        if self.context is not None:
-            context = self.context.initial_context(tasks)
-            # Step 2: context warm-up, first order: the outer loop does not differentiate this step.
-            rescaled, _ = self.context.rescale(fast, context)
-            warmup_grad, = torch.autograd.grad(support_loss(rescaled, 0, double_backward=False).sum(), context)
-            context = self.context.step(context, warmup_grad)
-            if not track_meta_graph:
-                context = context.detach().requires_grad_()
+        if self.context is not None:  # steps 1 and 2: a zero context per task, one warm-up step
+            context = cut(self.context.warm_up(self.context.initial_context(tasks), fast,
+                                               lambda params: support_loss(params, 0, double_backward=False)))
 
-        query_loss = torch.zeros(tasks, device=task.support_images.device)
-        query_logits = None
         recorder = None
         if self.config.log_inner_loop_statistics and track_meta_graph:  # the meta-training inner loop only
-            scaled_layers = self.context.scaled_param_names if self.context is not None else []
-            recorder = InnerLoopRecorder(self.inner_loop_param_names, scaled_layers)
+            scaled = self.context.scaled_param_names if self.context is not None else []
+            recorder = InnerLoopRecorder(self.inner_loop_param_names, scaled)
+        query_loss = torch.zeros(tasks, device=task.support_images.device)
+        query_logits = None
         for step in range(num_steps):
             gamma = None
             if self.context is not None:
-                fast, gamma = self.context.rescale(fast, context)  # step 3a: replace the conv weights
+                fast, gamma = self.context.rescale(fast, context)  # step 3a: replace the backbone tensors
             losses = support_loss(fast, step, double_backward=create_graph)
             # Summing the per-task losses gives each task's own gradient for its own weights.
-            inputs = list(fast.values()) + ([context] if context is not None else [])
+            inputs = [*fast.values(), *([context] if context is not None else [])]
             # First-order CxGrad still back-propagates through this step's rescaling (to g), whose
             # saved tensors this gradient would otherwise free.
             grads = torch.autograd.grad(losses.sum(), inputs, create_graph=create_graph,
                                         retain_graph=create_graph or (context is not None and track_meta_graph))
             if recorder is not None:
                 recorder.record_step(grads[:len(fast)], gamma)
-            fast = self.inner_loop_optimizer.update_params(fast, dict(zip(fast, grads)), step)
+            fast = {name: cut(value) for name, value in
+                    self.inner_loop_optimizer.update_params(fast, dict(zip(fast, grads)), step).items()}
             if context is not None:
-                context = self.context.step(context, grads[-1])
-            if not track_meta_graph:
-                fast = {name: value.detach().requires_grad_() for name, value in fast.items()}
-                if context is not None:
-                    context = context.detach().requires_grad_()
+                context = cut(self.context.step(context, grads[-1]))  # step 3d, with the weights
             weight = float(query_step_weights[step])
-            if weight > 0.0 or step == num_steps - 1:
+            if weight > 0.0 or step == num_steps - 1:  # step 3e, or the prediction after the last step
                 with torch.set_grad_enabled(track_meta_graph):
                     logits = self.network(task.query_images, {**frozen, **fast}, step, double_backward=False)
                     if weight > 0.0:
