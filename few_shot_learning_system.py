@@ -6,7 +6,7 @@
 
 `inner_loop` is a function of (meta-parameters, tasks) that returns the adapted parameters and the
 losses; the outer loop (`run_train_iter`) averages the query losses over the tasks and steps Adam.
-The method is specified in CXGRAD.md (shared docs); comments cite its steps.
+The method is specified in docs/CXGRAD.md; comments cite its steps. docs/METHOD.md describes this code.
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def test_mixed_precision_on_the_cpu_computes_the_network_in_bf16(monkeypatch):
     assert 0 < relative_difference(logits.detach(), float32_logits.detach()) < 3e-2
     # The meta-gradient of this tiny noise task is itself a small difference of large terms, so bf16 moves
     # it a lot (37-120% relative here, by method); what bf16 does to accuracy is measured on real training
-    # (README, "Speed").
+    # (docs/PERFORMANCE.md).
 
 
 @pytest.mark.parametrize("second_order", [False, True], ids=["first_order", "second_order"])

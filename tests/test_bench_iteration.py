@@ -1,4 +1,4 @@
-"""benchmarks/bench_iteration.py runs its settings and reports what the README quotes (not the timings)."""
+"""benchmarks/bench_iteration.py runs its settings and reports what docs/PERFORMANCE.md quotes (not the timings)."""
 from __future__ import annotations
 
 import json

@@ -137,3 +137,10 @@ def test_resolved_config_round_trips(tmp_path):
     config = load_config(overrides={"batch_size": 3, "contextual_grad": True, "evaluation_batch_size": 5})
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_docs_key_table_is_the_generated_one():
+    """docs/CONFIG.md ends with `python -m utils.config`'s table, so a new key cannot go undocumented."""
+    from utils.config import markdown_key_table
+    page = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    assert page.rstrip("\n").endswith(markdown_key_table()), "regenerate the table: python -m utils.config"

@@ -274,7 +274,7 @@ def _check_limits(config: ExperimentConfig, source: str) -> None:
 
 def unknown_key_error(key: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(FIELDS) + list(KEY_ALIASES), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see the key table in README.md"
+    hint = f"; did you mean '{close[0]}'?" if close else "; see the key table in docs/CONFIG.md"
     return ConfigError(f"unknown key '{key}' in {source}{hint}")
 
 
@@ -363,7 +363,7 @@ def parse_command_line(argv: list[str] | None = None) -> ExperimentConfig:
 
 
 def markdown_key_table() -> str:
-    """The README's table of config keys: `python -m utils.config`."""
+    """The table of config keys in docs/CONFIG.md: `python -m utils.config`."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, spec in FIELDS.items():
         hint = str(_HINTS[name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
