@@ -42,10 +42,11 @@ ARCHITECTURE_KEYS = (
     "image_channels", "image_height", "image_width", "num_classes_per_set", "cnn_num_filters", "num_stages",
     "use_bias", "conv_padding", "max_pooling", "per_step_bn_statistics", "number_of_training_steps_per_iter",
     "learnable_per_layer_per_step_inner_loop_learning_rate", "enable_inner_loop_optimizable_bn_params",
-    "contextual_grad", "num_context_params", "activation",
+    "contextual_grad", "num_context_params", "activation", "backbone", "resnet_widths", "leaky_relu_slope",
 )
-# What checkpoints written before a key existed were trained with, for the architecture check.
-ARCHITECTURE_KEY_DEFAULTS_BEFORE = {"activation": "relu"}
+# What checkpoints written before a key existed were trained with, for the architecture check
+# (a missing leaky_relu_slope is None: the backbone's own slope).
+ARCHITECTURE_KEY_DEFAULTS_BEFORE = {"activation": "relu", "backbone": "4-CONV", "resnet_widths": [64, 160, 320, 640]}
 CHECKPOINT_KEYS = ("format", "network", "optimizer", "scheduler", "rng", "experiment", "config")
 
 
