@@ -83,6 +83,14 @@ def test_yaml_and_command_line_overrides(tmp_path):
     ({"num_stages": 6}, "halve 28x28 images below one pixel"),
     ({"min_learning_rate": 0.1}, "min_learning_rate .* is above meta_learning_rate"),
     ({"image_channels": 2}, "key 'image_channels'.*expected one of \\[1, 3\\]"),
+    ({"backbone": "resnet18"}, "key 'backbone'.*expected one of \\['4-CONV', 'resnet12'\\]"),
+    ({"resnet_widths": [64, 160, 320]}, "key 'resnet_widths'.*expected 4 positive integers.*got \\[64, 160, 320\\]"),
+    ({"resnet_widths": [64, 0, 320, 640]}, "key 'resnet_widths'.*expected 4 positive integers"),
+    ({"resnet_widths": "64,wide,320,640"}, "key 'resnet_widths'.*expected a list of integers"),
+    ({"resnet_widths": 64}, "key 'resnet_widths'.*expected a list of integers"),
+    ({"backbone": "resnet12", "image_height": 12}, "resnet12's four residual blocks halve 12x28 images"),
+    ({"backbone": "resnet12", "max_pooling": False}, "resnet12 always pads .* and max-pools"),
+    ({"activation": "relu", "leaky_relu_slope": 0.1}, "leaky_relu_slope is set .* but activation is 'relu'"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,3 +118,14 @@ def test_resolved_config_round_trips(tmp_path):
     config = load_config(overrides={"batch_size": 3, "contextual_grad": True, "evaluation_batch_size": 5})
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_resnet12_keys_from_files_and_the_command_line(tmp_path):
+    config = parse_command_line(["--backbone", "resnet12", "--resnet_widths", "8,16,32,64", "--leaky_relu_slope", "0.2"])
+    assert (config.backbone, config.resnet_widths, config.leaky_relu_slope) == ("resnet12", [8, 16, 32, 64], 0.2)
+    assert parse_command_line(["--resnet_widths", "[8, 16, 32, 64]"]).resnet_widths == [8, 16, 32, 64]
+    assert load_config().resnet_widths == [64, 160, 320, 640] and load_config().leaky_relu_slope is None
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    # The 4-CONV stage count does not limit ResNet-12, whose four blocks need 16x16 images.
+    assert load_config(overrides={"backbone": "resnet12", "num_stages": 6, "image_height": 16, "image_width": 16}).num_stages == 6
