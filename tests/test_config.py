@@ -58,6 +58,16 @@ def test_every_shipped_config_loads():
     assert (published.batch_size, published.cnn_num_filters, published.num_target_samples) == (4, 48, 15)
     assert (published.init_inner_loop_learning_rate, published.meta_learning_rate) == (0.01, 0.001)
     assert published.second_order and not published.use_multi_step_loss_optimization
+    for dataset in ("mini_imagenet_5way_1shot", "mini_imagenet_5way_5shot", "tiered_imagenet_5way_1shot",
+                    "tiered_imagenet_5way_5shot"):
+        for method in ("CxGrad", "maml", "maml++"):
+            resnet = load_config(REPO / "experiment_config" / dataset / f"{method}_resnet12.yaml")
+            four_conv = load_config(REPO / "experiment_config" / dataset / f"{method}_4conv.json")
+            assert (resnet.backbone, resnet.resnet_widths, resnet.leaky_relu_slope) == (
+                "resnet12", [64, 160, 320, 640], 0.1)
+            # The protocol is the 4-CONV one: only the backbone (and its slope) and the name differ.
+            differing = {key for key, value in resnet.to_dict().items() if value != getattr(four_conv, key)}
+            assert differing == {"backbone", "leaky_relu_slope", "experiment_name"}, dataset  # widths: the default
 
 
 def test_yaml_and_command_line_overrides(tmp_path):
