@@ -43,10 +43,13 @@ ARCHITECTURE_KEYS = (
     "image_channels", "image_height", "image_width", "num_classes_per_set", "cnn_num_filters", "num_stages",
     "use_bias", "conv_padding", "max_pooling", "per_step_bn_statistics", "number_of_training_steps_per_iter",
     "learnable_per_layer_per_step_inner_loop_learning_rate", "enable_inner_loop_optimizable_bn_params",
-    "contextual_grad", "num_context_params", "activation", "input_normalisation",
+    "contextual_grad", "num_context_params", "activation", "input_normalisation", "backbone", "resnet_widths",
+    "leaky_relu_slope",
 )
-# What checkpoints saved before a key existed were trained with.
-VALUES_BEFORE_THE_KEY_EXISTED = {"activation": "relu", "input_normalisation": "dataset_statistics"}
+# What checkpoints saved before a key existed were trained with (a missing leaky_relu_slope is None:
+# the backbone's own slope).
+VALUES_BEFORE_THE_KEY_EXISTED = {"activation": "relu", "input_normalisation": "dataset_statistics",
+                                 "backbone": "4-CONV", "resnet_widths": [64, 160, 320, 640]}
 CHECKPOINT_KEYS = ("format", "network", "optimizer", "scheduler", "rng", "experiment", "config")
 
 

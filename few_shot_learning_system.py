@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
-from meta_neural_network_architectures import ContextScalingNetwork, VGGReLUNormNetwork
+from meta_neural_network_architectures import ContextScalingNetwork, build_backbone
 from utils.config import ExperimentConfig
 from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
 from utils.nonfinite import finiteness_probe, poison_gradients_if_nonfinite
@@ -151,16 +151,8 @@ class MAMLFewShotClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.device = device
-        # Inner-loop BatchNorm parameters are one row for all steps, as in the official code (there the
-        # inner-loop switch replaces the per-step rows by a single [C] scale and shift).
-        per_step_rows = config.per_step_bn_statistics and not config.enable_inner_loop_optimizable_bn_params
-        bn_steps = config.number_of_training_steps_per_iter if per_step_rows else 1
-        self.classifier = VGGReLUNormNetwork(
-            image_shape=config.image_shape, num_classes=config.num_classes_per_set,
-            num_filters=config.cnn_num_filters, num_stages=config.num_stages, use_bias=config.use_bias,
-            conv_padding=config.conv_padding, max_pooling=config.max_pooling, bn_steps=bn_steps,
-            learnable_bn_gamma=config.learnable_bn_gamma, learnable_bn_beta=config.learnable_bn_beta,
-            activation=config.activation)
+        self.classifier = build_backbone(config)
+        # Every backbone names its BatchNorm parameters '*.norm.*'; they adapt only when configured.
         self.inner_loop_param_names = [
             name for name, param in self.classifier.named_parameters()
             if param.requires_grad and (config.enable_inner_loop_optimizable_bn_params or ".norm." not in name)

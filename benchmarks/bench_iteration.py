@@ -1,12 +1,18 @@
 """Seconds per meta-training iteration: the per-task loop against the batched meta-batch.
 
-    python benchmarks/bench_iteration.py                      # both configs, CPU (and CUDA when present)
+    python benchmarks/bench_iteration.py                      # the 4-CONV configs, CPU (and CUDA when present)
     python benchmarks/bench_iteration.py --configs mini_imagenet --devices cuda --iterations 20
+    python benchmarks/bench_iteration.py --configs resnet12 --devices cpu --variants batched --no-dispatch \
+        --iterations 3 --warmup 1                             # ResNet-12, first and second order
 
-Settings (the published CxGrad configs of this repo, second order):
+Settings (the published CxGrad configs of this repo; second order, and first order too for resnet12):
     omniglot       experiment_config/omniglot_5way_1shot/CxGrad_4conv.json       28x28x1, 64 filters, meta-batch 8
     mini_imagenet  experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json  84x84x3, 48 filters, meta-batch 4,
                                                                                   15 queries per class
+    resnet12       experiment_config/mini_imagenet_5way_1shot/CxGrad_resnet12.yaml  the same with ResNet-12
+                                                                                  (widths 64-160-320-640)
+`--orders` chooses the meta-gradient orders to time (default: each setting's own, above); each order
+gets its own lines and summary. ResNet-12 at 84x84 costs tens of seconds per iteration on a small CPU.
 
 The base variant and the first one against it are also timed at "dispatch" shapes: the same config, so the same sequence of operations, on
 16x16 images with 4 filters and 1 query per class, where the arithmetic is negligible and the time is what
@@ -40,7 +46,10 @@ sys.path.insert(0, str(REPO))
 CONFIGS = {
     "omniglot": REPO / "experiment_config/omniglot_5way_1shot/CxGrad_4conv.json",
     "mini_imagenet": REPO / "experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json",
+    "resnet12": REPO / "experiment_config/mini_imagenet_5way_1shot/CxGrad_resnet12.yaml",
 }
+# The meta-gradient orders each setting times by default (`--orders` overrides them).
+DEFAULT_ORDERS = {"omniglot": ("second",), "mini_imagenet": ("second",), "resnet12": ("second", "first")}
 # name -> config overrides. The CUDA-only variants add this repo's GPU options to the batched path.
 VARIANTS = {
     "loop": {"task_batching": "loop"},
@@ -52,7 +61,8 @@ VARIANTS = {
     "batched_statistics": {"task_batching": "batched", "log_inner_loop_statistics": True},
 }
 # Overrides that keep every operation of an iteration but make its arithmetic negligible (4 stages still fit).
-DISPATCH_SHAPES = {"image_height": 16, "image_width": 16, "cnn_num_filters": 4, "num_target_samples": 1}
+DISPATCH_SHAPES = {"image_height": 16, "image_width": 16, "cnn_num_filters": 4, "resnet_widths": [4, 4, 4, 4],
+                   "num_target_samples": 1}
 CPU_VARIANTS = ("loop", "batched")
 CUDA_VARIANTS = ("loop", "batched", "batched_channels_last", "batched_bf16", "batched_bf16_channels_last")
 
@@ -81,17 +91,19 @@ def rss_mb() -> float:
 
 
 def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int,
-            profile: bool = False, dispatch_shapes: bool = False, count_operations: bool = False) -> dict:
+            profile: bool = False, dispatch_shapes: bool = False, count_operations: bool = False,
+            order: str = "second") -> dict:
     """Build the model, run warm-up iterations, then time `iterations` meta-training iterations.
 
-    `count_operations` (always at the dispatch shapes) adds the aten calls of one more iteration.
+    `order` is the meta-gradient's ("first" or "second"). `count_operations` (always at the dispatch
+    shapes) adds the aten calls of one more iteration.
     """
     import torch
     from few_shot_learning_system import MAMLFewShotClassifier
     from utils.config import load_config
 
-    overrides = {"device": device_name, "show_progress": False, **VARIANTS[variant],
-                 **(DISPATCH_SHAPES if dispatch_shapes else {})}
+    overrides = {"device": device_name, "show_progress": False, "second_order": order == "second",
+                 **VARIANTS[variant], **(DISPATCH_SHAPES if dispatch_shapes else {})}
     config = load_config(CONFIGS[config_name], overrides)
     device = torch.device(device_name)
     torch.manual_seed(config.seed)
@@ -145,15 +157,16 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
     return result
 
 
-def run_setting(config_name: str, device_name: str, variant: str, args, dispatch_shapes: bool = False) -> dict:
+def run_setting(config_name: str, device_name: str, variant: str, args, dispatch_shapes: bool = False,
+                order: str = "second") -> dict:
     command = [sys.executable, __file__, "--worker", config_name, device_name, variant,
-               "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+               "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--order", order]
     if dispatch_shapes:
         command.append("--dispatch-shapes")
     environment = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=environment)
     if completed.returncode != 0:
-        return {"config": config_name, "device": device_name, "variant": variant,
+        return {"config": config_name, "device": device_name, "variant": variant, "order": order,
                 "error": completed.stderr.strip().splitlines()[-1:]}
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -208,44 +221,52 @@ def main(argv=None) -> int:
                         help="with --profile: time the setting at the dispatch shapes (see above)")
     parser.add_argument("--no-dispatch", action="store_true",
                         help="skip the dispatch-shape timings (and the bounds computed from them)")
+    parser.add_argument("--orders", nargs="+", choices=("second", "first"), default=None,
+                        help="meta-gradient orders to time (default: second, and also first for resnet12)")
+    parser.add_argument("--order", choices=("second", "first"), default="second",
+                        help="with --profile: the meta-gradient order")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.profile:
         print(json.dumps(measure(*(args.worker or args.profile), args.iterations, args.warmup,
-                                 profile=bool(args.profile), dispatch_shapes=args.dispatch_shapes)), flush=True)
+                                 profile=bool(args.profile), dispatch_shapes=args.dispatch_shapes,
+                                 order=args.order)), flush=True)
         return 0
 
     import torch
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     failed = False
-    for config_name in args.configs:
-        for device_name in devices:
-            variants = args.variants or (CPU_VARIANTS if device_name == "cpu" else CUDA_VARIANTS)
-            results, dispatch = {}, {}
-            for variant in variants:
-                results[variant] = run_setting(config_name, device_name, variant, args)
-                print(json.dumps(results[variant]), flush=True)
-            if not args.no_dispatch:
-                for variant in variants[:2]:  # the base and the first variant against it
-                    dispatch[variant] = run_setting(config_name, device_name, variant, args, dispatch_shapes=True)
-                    print(json.dumps(dispatch[variant]), flush=True)
-            if any("error" in result for result in [*results.values(), *dispatch.values()]):
-                failed = True
-                continue
-            base_name = variants[0]
-            base = results[base_name]
-            summary = {"config": config_name, "device": device_name, "summary": True}
-            for variant in variants[1:]:
-                result = results[variant]
-                summary[f"speedup_{variant}_vs_{base_name}"] = (
-                    base["median_s_per_iter"] / result["median_s_per_iter"])
-                summary[f"peak_memory_ratio_{variant}_vs_{base_name}"] = result["peak_memory_mb"] / base["peak_memory_mb"]
-                if device_name == "cpu":
-                    summary[f"cpu_time_ratio_{variant}_vs_{base_name}"] = (
-                        base["median_cpu_s_per_iter"] / result["median_cpu_s_per_iter"])
-            if dispatch:
-                summary.update(dispatch_bounds(results, dispatch, base_name, device_name))
-            print(json.dumps(summary), flush=True)
+    settings = [(config_name, device_name, order) for config_name in args.configs for device_name in devices
+                for order in (args.orders or DEFAULT_ORDERS[config_name])]
+    for config_name, device_name, order in settings:
+        variants = args.variants or (CPU_VARIANTS if device_name == "cpu" else CUDA_VARIANTS)
+        results, dispatch = {}, {}
+        for variant in variants:
+            results[variant] = run_setting(config_name, device_name, variant, args, order=order)
+            print(json.dumps(results[variant]), flush=True)
+        if not args.no_dispatch:
+            for variant in variants[:2]:  # the base and the first variant against it
+                dispatch[variant] = run_setting(config_name, device_name, variant, args, dispatch_shapes=True,
+                                                order=order)
+                print(json.dumps(dispatch[variant]), flush=True)
+        if any("error" in result for result in [*results.values(), *dispatch.values()]):
+            failed = True
+            continue
+        base_name = variants[0]
+        base = results[base_name]
+        summary = {"config": config_name, "device": device_name, "second_order": order == "second",
+                   "summary": True}
+        for variant in variants[1:]:
+            result = results[variant]
+            summary[f"speedup_{variant}_vs_{base_name}"] = (
+                base["median_s_per_iter"] / result["median_s_per_iter"])
+            summary[f"peak_memory_ratio_{variant}_vs_{base_name}"] = result["peak_memory_mb"] / base["peak_memory_mb"]
+            if device_name == "cpu":
+                summary[f"cpu_time_ratio_{variant}_vs_{base_name}"] = (
+                    base["median_cpu_s_per_iter"] / result["median_cpu_s_per_iter"])
+        if dispatch:
+            summary.update(dispatch_bounds(results, dispatch, base_name, device_name))
+        print(json.dumps(summary), flush=True)
     return 1 if failed else 0
 
 

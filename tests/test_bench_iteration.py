@@ -56,3 +56,25 @@ def test_dispatch_bounds_on_the_cpu_and_cuda():
     assert cpu["dispatch_share_loop"] == 0.3 and cpu["dispatch_share_batched"] == 0.1 / 0.8
     cuda = bench_iteration.dispatch_bounds(results, dispatch, "loop", "cuda")
     assert not any(key.startswith("speedup_bound") for key in cuda) and cuda["dispatch_s_per_iter_batched"] == 0.1
+
+
+def test_resnet12_setting_times_both_orders():
+    """At the dispatch shapes (widths 4, 16x16): the ResNet-12 config, first and second order."""
+    assert bench_iteration.DEFAULT_ORDERS["resnet12"] == ("second", "first")
+    results = {order: bench_iteration.measure("resnet12", "cpu", "batched", iterations=1, warmup=0,
+                                              dispatch_shapes=True, order=order) for order in ("second", "first")}
+    for order, result in results.items():
+        assert result["config"] == "resnet12" and result["meta_batch"] == 4
+        assert result["second_order"] is (order == "second")
+        assert result["median_s_per_iter"] > 0 and result["peak_memory_mb"] >= result["rss_before_mb"] > 0
+    # Second order differentiates through every inner step's gradient: far more operations.
+    assert results["second"]["aten_calls_per_iter"] > 1.3 * results["first"]["aten_calls_per_iter"]
+
+
+def test_command_line_times_each_order_with_its_own_summary(capsys):
+    assert bench_iteration.main(["--configs", "omniglot", "--devices", "cpu", "--threads", "1", "--orders",
+                                 "first", "second", "--variants", "batched", "--no-dispatch",
+                                 "--iterations", "1", "--warmup", "0"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line.get("variant"), line.get("summary"), line["second_order"]) for line in lines] == [
+        ("batched", None, False), (None, True, False), ("batched", None, True), (None, True, True)]

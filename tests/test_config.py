@@ -59,6 +59,16 @@ def test_every_shipped_config_loads():
     assert (published.batch_size, published.cnn_num_filters, published.num_target_samples) == (4, 48, 15)
     assert (published.init_inner_loop_learning_rate, published.meta_learning_rate) == (0.01, 0.001)
     assert published.second_order and not published.use_multi_step_loss_optimization
+    for dataset in ("mini_imagenet_5way_1shot", "mini_imagenet_5way_5shot", "tiered_imagenet_5way_1shot",
+                    "tiered_imagenet_5way_5shot"):
+        for method in ("CxGrad", "maml", "maml++"):
+            resnet = load_config(REPO / "experiment_config" / dataset / f"{method}_resnet12.yaml")
+            four_conv = load_config(REPO / "experiment_config" / dataset / f"{method}_4conv.json")
+            assert (resnet.backbone, resnet.resnet_widths, resnet.leaky_relu_slope) == (
+                "resnet12", [64, 160, 320, 640], 0.1)
+            # The protocol is the 4-CONV one: only the backbone (and its slope) and the name differ.
+            differing = {key for key, value in resnet.to_dict().items() if value != getattr(four_conv, key)}
+            assert differing == {"backbone", "leaky_relu_slope", "experiment_name"}, dataset  # widths: the default
 
 
 # The input scaling each dataset's shipped configs use: the official CxGrad input (raw [0, 1]) for the
@@ -110,6 +120,14 @@ def test_yaml_and_command_line_overrides(tmp_path):
     ({"num_stages": 6}, "halve 28x28 images below one pixel"),
     ({"min_learning_rate": 0.1}, "min_learning_rate .* is above meta_learning_rate"),
     ({"image_channels": 2}, "key 'image_channels'.*expected one of \\[1, 3\\]"),
+    ({"backbone": "resnet18"}, "key 'backbone'.*expected one of \\['4-CONV', 'resnet12'\\]"),
+    ({"resnet_widths": [64, 160, 320]}, "key 'resnet_widths'.*expected 4 positive integers.*got \\[64, 160, 320\\]"),
+    ({"resnet_widths": [64, 0, 320, 640]}, "key 'resnet_widths'.*expected 4 positive integers"),
+    ({"resnet_widths": "64,wide,320,640"}, "key 'resnet_widths'.*expected a list of integers"),
+    ({"resnet_widths": 64}, "key 'resnet_widths'.*expected a list of integers"),
+    ({"backbone": "resnet12", "image_height": 12}, "resnet12's four residual blocks halve 12x28 images"),
+    ({"backbone": "resnet12", "max_pooling": False}, "resnet12 always pads .* and max-pools"),
+    ({"activation": "relu", "leaky_relu_slope": 0.1}, "leaky_relu_slope is set .* but activation is 'relu'"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -144,3 +162,14 @@ def test_docs_key_table_is_the_generated_one():
     from utils.config import markdown_key_table
     page = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
     assert page.rstrip("\n").endswith(markdown_key_table()), "regenerate the table: python -m utils.config"
+
+
+def test_resnet12_keys_from_files_and_the_command_line(tmp_path):
+    config = parse_command_line(["--backbone", "resnet12", "--resnet_widths", "8,16,32,64", "--leaky_relu_slope", "0.2"])
+    assert (config.backbone, config.resnet_widths, config.leaky_relu_slope) == ("resnet12", [8, 16, 32, 64], 0.2)
+    assert parse_command_line(["--resnet_widths", "[8, 16, 32, 64]"]).resnet_widths == [8, 16, 32, 64]
+    assert load_config().resnet_widths == [64, 160, 320, 640] and load_config().leaky_relu_slope is None
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    # The 4-CONV stage count does not limit ResNet-12, whose four blocks need 16x16 images.
+    assert load_config(overrides={"backbone": "resnet12", "num_stages": 6, "image_height": 16, "image_width": 16}).num_stages == 6

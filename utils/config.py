@@ -31,7 +31,13 @@ def _key(help_text: str, *, choices: tuple = (), minimum: float | None = None, m
 
 
 def _field(default, help_text: str, **limits):
+    if isinstance(default, list):  # a mutable default: each config gets its own copy
+        return field(default_factory=lambda: list(default), metadata=_key(help_text, **limits))
     return field(default=default, metadata=_key(help_text, **limits))
+
+
+def default_of(spec: dataclasses.Field) -> Any:
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
 
 
 @dataclass
@@ -86,15 +92,22 @@ class ExperimentConfig:
         10, "skipped meta-iterations (non-finite loss or gradient) in a row before training stops", minimum=1)
 
     # --- backbone -------------------------------------------------------------------------
-    backbone: str = _field("4-CONV", "the backbone architecture", choices=("4-CONV",))
-    cnn_num_filters: int = _field(48, "filters of every conv layer", minimum=1)
-    num_stages: int = _field(4, "conv blocks (conv3x3 -> BN -> activation -> max-pool)", minimum=1)
+    backbone: str = _field(
+        "4-CONV", "the backbone architecture: 4-CONV, or resnet12 (four residual blocks of three conv3x3 -> BN, "
+        "a conv1x1 -> BN shortcut, 2x2 max-pool; global average pooling)", choices=("4-CONV", "resnet12"))
+    cnn_num_filters: int = _field(48, "filters of every conv layer (4-CONV)", minimum=1)
+    num_stages: int = _field(4, "conv blocks (conv3x3 -> BN -> activation -> max-pool) (4-CONV)", minimum=1)
+    resnet_widths: list[int] = _field(
+        [64, 160, 320, 640], "filters of the four residual blocks (resnet12); on the command line 64,160,320,640")
     activation: str = _field(
-        "leaky_relu", "activation after each BatchNorm: leaky_relu (slope 0.01, the official code's forward "
-        "pass) or relu", choices=("leaky_relu", "relu"))
+        "leaky_relu", "activation after each BatchNorm: leaky_relu (see leaky_relu_slope) or relu",
+        choices=("leaky_relu", "relu"))
+    leaky_relu_slope: Optional[float] = _field(
+        None, "negative slope of leaky_relu (default: the backbone's published one: 4-CONV 0.01 as in the "
+        "official CxGrad/MAML++ forward pass, resnet12 0.1 as in MetaOptNet and ALFA)", minimum=0.0)
     cnn_blocks_per_stage: int = _field(1, "conv layers per stage (only 1 is supported)", choices=(1,))
-    conv_padding: bool = _field(True, "pad 3x3 convolutions by 1")
-    max_pooling: bool = _field(True, "2x2 max-pool after every block (off: stride-2 convolutions)")
+    conv_padding: bool = _field(True, "pad 3x3 convolutions by 1 (resnet12 always pads)")
+    max_pooling: bool = _field(True, "2x2 max-pool after every block (off: stride-2 convolutions; resnet12 always pools)")
     use_bias: bool = _field(False, "bias on conv layers (BatchNorm makes it redundant)")
     norm_layer: str = _field("batch_norm", "normalisation after each conv", choices=("batch_norm",))
     per_step_bn_statistics: bool = _field(False, "separate BatchNorm scale/shift per inner step (MAML++ BNWB)")
@@ -200,6 +213,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if base in (int, float):
         return _number(base, value, where)
+    if get_origin(base) is list:
+        return _int_list(value, where)
     if base is str:
         if isinstance(value, str):
             return value
@@ -228,6 +243,21 @@ def _number(kind: type, value: Any, where: str) -> int | float:
     if kind is float and not math.isfinite(parsed):
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     return parsed
+
+
+def _int_list(value: Any, where: str) -> list[int]:
+    """A list of integers from a list, or from a string such as '64,160,320,640' or '[64, 160, 320, 640]'."""
+    expected = f"{where}: expected a list of integers such as [64, 160, 320, 640] (64,160,320,640 on the command line)"
+    if isinstance(value, str):
+        items = value.strip().strip("[]").replace(",", " ").split()
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ConfigError(f"{expected}, got {value!r}")
+    try:
+        return [_number(int, item, where) for item in items]
+    except ConfigError:
+        raise ConfigError(f"{expected}, got {value!r}") from None
 
 
 def _continue_from_epoch(value: Any, where: str) -> str:
@@ -265,11 +295,29 @@ def _check_limits(config: ExperimentConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: min_learning_rate ({config.min_learning_rate}) is above meta_learning_rate "
             f"({config.meta_learning_rate}); the cosine schedule anneals from the second to the first")
+    widths = config.resnet_widths
+    if len(widths) != 4 or min(widths) < 1:
+        raise ConfigError(f"key 'resnet_widths' in {source}: expected 4 positive integers (one per residual "
+                          f"block), got {widths!r}; the published ResNet-12 is 64,160,320,640")
+    if config.backbone == "resnet12":
+        _check_resnet12(config, source)
     smallest = min(config.image_height, config.image_width)
-    if smallest >> config.num_stages < 1:
+    if config.backbone == "4-CONV" and smallest >> config.num_stages < 1:
         raise ConfigError(
             f"{source}: {config.num_stages} stages halve {config.image_height}x{config.image_width} images "
             f"below one pixel; lower num_stages or raise image_height/image_width")
+    if config.leaky_relu_slope is not None and config.activation != "leaky_relu":
+        raise ConfigError(f"{source}: leaky_relu_slope is set ({config.leaky_relu_slope}) but activation is "
+                          f"{config.activation!r}; drop leaky_relu_slope or use --activation leaky_relu")
+
+
+def _check_resnet12(config: ExperimentConfig, source: str) -> None:
+    if not (config.conv_padding and config.max_pooling):
+        raise ConfigError(f"{source}: resnet12 always pads its 3x3 convolutions and max-pools after each block; "
+                          f"conv_padding and max_pooling false are for 4-CONV only, so set them to true")
+    if min(config.image_height, config.image_width) < 16:
+        raise ConfigError(f"{source}: resnet12's four residual blocks halve {config.image_height}x"
+                          f"{config.image_width} images below one pixel; it needs at least 16x16 images")
 
 
 def unknown_key_error(key: str, source: str) -> ConfigError:
@@ -367,7 +415,7 @@ def markdown_key_table() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, spec in FIELDS.items():
         hint = str(_HINTS[name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        lines.append(f"| `{name}` | {hint} | `{spec.default!r}` | {spec.metadata['help']} |")
+        lines.append(f"| `{name}` | {hint} | `{default_of(spec)!r}` | {spec.metadata['help']} |")
     return "\n".join(lines)
 
 
