@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
-from utils.config import ConfigError, ExperimentConfig, save_config
+from utils.backend import resolve_device
+from utils.config import ExperimentConfig, save_config
 from utils.distributed import DistributedContext
 from utils.inner_loop_statistics import STATISTICS_FILE, InnerLoopStatisticsLog
 from utils.interrupt import StopRequest, TrainingInterrupted
@@ -68,15 +69,6 @@ def fresh_state() -> dict[str, Any]:
             "nonfinite_in_a_row": 0}
 
 
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but PyTorch sees no CUDA device; use --device cpu "
-                          "(or --device auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def mean_and_confidence(values: np.ndarray) -> tuple[float, float]:
     """Mean and the half-width of its 95% confidence interval, 1.96 * std / sqrt(n)."""
     values = np.asarray(values, dtype=np.float64)
@@ -86,14 +78,13 @@ def mean_and_confidence(values: np.ndarray) -> tuple[float, float]:
 class ExperimentBuilder:
     def __init__(self, config: ExperimentConfig, distributed: Optional[DistributedContext] = None):
         self.config = config
-        self.distributed = distributed or DistributedContext(device=select_device(config.device))
+        self.distributed = distributed or DistributedContext(device=resolve_device(config.device))
         self.device = self.distributed.device
         self.folder = config.experiment_folder
         self.models_folder = self.folder / "saved_models"
         self.logs_folder = self.folder / "logs"
         torch.manual_seed(config.seed)
-        self.model = MAMLFewShotClassifier(config, self.device)
-        self.model.gradient_reducer = self.distributed.average_gradients
+        self.model = MAMLFewShotClassifier(config, self.device, gradient_reducer=self.distributed.average_gradients)
         self.distributed.broadcast_parameters(self.model)
         self.state: dict[str, Any] = fresh_state()
         self.stop = StopRequest()  # installed around training by run_experiment

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
 from meta_neural_network_architectures import ContextScalingNetwork, build_backbone
+from utils.backend import resolve_task_batching
 from utils.config import ExperimentConfig
 from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
 from utils.nonfinite import finiteness_probe, poison_gradients_if_nonfinite
@@ -147,10 +148,14 @@ def keep_local_gradients(parameters: Iterable[nn.Parameter]) -> None:
 class MAMLFewShotClassifier(nn.Module):
     """Backbone, inner-loop rule, optional CxGrad scaling, and the outer Adam optimiser."""
 
-    def __init__(self, config: ExperimentConfig, device: torch.device):
+    def __init__(self, config: ExperimentConfig, device: torch.device,
+                 gradient_reducer: Callable[[Iterable[nn.Parameter]], None] = None):
         super().__init__()
         self.config = config
         self.device = device
+        # Called on the parameters between backward and the optimizer step: under torchrun it averages
+        # the meta-gradients over the ranks (utils/distributed.py); alone, there is nothing to do.
+        self.gradient_reducer = gradient_reducer or keep_local_gradients
         self.classifier = build_backbone(config)
         # Every backbone names its BatchNorm parameters '*.norm.*'; they adapt only when configured.
         self.inner_loop_param_names = [
@@ -175,16 +180,13 @@ class MAMLFewShotClassifier(nn.Module):
             weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.total_epochs, eta_min=config.min_learning_rate)
-        # Called on the parameters between backward and the optimizer step; under torchrun the
-        # experiment builder sets it to average the meta-gradients over the ranks (utils/distributed.py).
-        self.gradient_reducer: Callable[[Iterable[nn.Parameter]], None] = keep_local_gradients
 
     def _configure_speed(self, config: ExperimentConfig, device: torch.device) -> None:
-        """Speed options; none of them changes what is computed, only how (and bf16 how precisely)."""
+        """Speed options of this model; none of them changes what is computed, only how (and bf16 how
+        precisely). Process-wide settings belong to utils/backend.py, configured once at start-up."""
         if config.channels_last:
             self.classifier.memory_format = torch.channels_last
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = config.cudnn_benchmark
+        self.task_batching = resolve_task_batching(config, device)
         self.use_bf16 = config.mixed_precision and has_fast_bf16(device)
         if config.mixed_precision and not self.use_bf16:
             warnings.warn("mixed_precision needs CUDA or a CPU with bf16 instructions (AVX512-BF16 or AMX), "
@@ -193,11 +195,6 @@ class MAMLFewShotClassifier(nn.Module):
         # AOTAutograd has no double backward, so second-order steps keep the eager network.
         self.compiled_classifier: Optional[Callable[..., Tensor]] = None
         if config.compile_backbone:
-            functorch_config = getattr(torch._functorch, "config", None)
-            if config.contextual_grad and hasattr(functorch_config, "donated_buffer"):
-                # CxGrad back-propagates twice through a first-order step (retain_graph), which
-                # compiled backward passes allow only without donated buffers.
-                functorch_config.donated_buffer = False
             self.compiled_classifier = torch.compile(self.classifier.forward, backend=COMPILE_BACKEND)
 
     def network(self, images: Tensor, params: dict[str, Tensor], step: int, double_backward: bool) -> Tensor:
@@ -285,7 +282,7 @@ class MAMLFewShotClassifier(nn.Module):
 
     def _chunks(self, task: TaskBatch) -> Iterator[TaskBatch]:
         """The whole meta-batch at once, or task by task (the readable reference path)."""
-        if self.config.task_batching == "batched":
+        if self.task_batching == "batched":
             yield task
         else:
             for index in range(task.num_tasks):

@@ -14,8 +14,9 @@ import os
 import sys
 
 from data import DatasetError
-from experiment_builder import ExperimentBuilder, select_device
+from experiment_builder import ExperimentBuilder
 from utils import distributed
+from utils.backend import configure_backend, resolve_device
 from utils.config import ConfigError, parse_command_line
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"rank {os.environ['RANK']}: " if distributed.launched_by_torchrun() else ""
     try:
         config = parse_command_line(argv)
-        with distributed.session(select_device(config.device), config.distributed_timeout_s) as context:
+        device = resolve_device(config.device)
+        configure_backend(config, device)  # process-wide torch settings, once, before anything is built
+        with distributed.session(device, config.distributed_timeout_s) as context:
             ExperimentBuilder(config, context).run_experiment()
     except (ConfigError, DatasetError, CheckpointError, StorageError, TrainingDiverged) as error:
         print(f"error: {prefix}{error}", file=sys.stderr)

@@ -53,6 +53,7 @@ if __name__ == "__main__":
 
 from data import DatasetError, FewShotDataProvider  # noqa: E402
 from few_shot_learning_system import MAMLFewShotClassifier  # noqa: E402
+from utils.backend import configure_backend, resolve_device  # noqa: E402
 from preprocess.omniglot import SOURCE_ZIPS, ZIPS_ENV_VAR  # noqa: E402
 from preprocess.preprocess import PreprocessError, prepare_dataset  # noqa: E402
 from utils.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
@@ -141,8 +142,10 @@ def training_iteration_seconds(config: ExperimentConfig, iterations: int, warmup
 
     run_train_iter ends by reading the loss (`.item()`), so on CUDA its time includes the GPU's work.
     """
+    device = resolve_device(config.device)
+    configure_backend(config, device)
     torch.manual_seed(config.seed)
-    model = MAMLFewShotClassifier(config, torch.device(config.device))
+    model = MAMLFewShotClassifier(config, device)
     provider = FewShotDataProvider(config, splits=("train",))
     batches = [provider.train_batch(iteration) for iteration in range(warmup + iterations)]
     seconds = []

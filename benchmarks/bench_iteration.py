@@ -57,6 +57,8 @@ VARIANTS = {
     "batched_channels_last": {"task_batching": "batched", "channels_last": True},
     "batched_bf16": {"task_batching": "batched", "mixed_precision": True},
     "batched_bf16_channels_last": {"task_batching": "batched", "mixed_precision": True, "channels_last": True},
+    # What `deterministic` (the default) costs on CUDA: the batched path with cuDNN autotuning instead.
+    "batched_autotuned": {"task_batching": "batched", "deterministic": False, "cudnn_benchmark": True},
     # What log_inner_loop_statistics costs (run it with --variants batched batched_statistics).
     "batched_statistics": {"task_batching": "batched", "log_inner_loop_statistics": True},
 }
@@ -64,7 +66,8 @@ VARIANTS = {
 DISPATCH_SHAPES = {"image_height": 16, "image_width": 16, "cnn_num_filters": 4, "resnet_widths": [4, 4, 4, 4],
                    "num_target_samples": 1}
 CPU_VARIANTS = ("loop", "batched")
-CUDA_VARIANTS = ("loop", "batched", "batched_channels_last", "batched_bf16", "batched_bf16_channels_last")
+CUDA_VARIANTS = ("loop", "batched", "batched_autotuned", "batched_channels_last", "batched_bf16",
+                 "batched_bf16_channels_last")
 
 
 def random_task_batch(config, device):
@@ -100,12 +103,14 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
     """
     import torch
     from few_shot_learning_system import MAMLFewShotClassifier
+    from utils.backend import configure_backend
     from utils.config import load_config
 
     overrides = {"device": device_name, "show_progress": False, "second_order": order == "second",
                  **VARIANTS[variant], **(DISPATCH_SHAPES if dispatch_shapes else {})}
     config = load_config(CONFIGS[config_name], overrides)
     device = torch.device(device_name)
+    configure_backend(config, device)  # each setting runs in its own process, as training does
     torch.manual_seed(config.seed)
     model = MAMLFewShotClassifier(config, device)
     batch = random_task_batch(config, device)

@@ -10,6 +10,7 @@ import torch
 
 import few_shot_learning_system
 from data import TaskBatch
+from utils.backend import configure_backend
 from few_shot_learning_system import MAMLFewShotClassifier
 from utils.config import load_config
 
@@ -28,6 +29,7 @@ def make_system(**overrides) -> MAMLFewShotClassifier:
         num_samples_per_class=SHOTS, num_target_samples=QUERIES, cnn_num_filters=6, num_stages=3,
         number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3, batch_size=3,
         init_inner_loop_learning_rate=0.2, device="cpu", **overrides))
+    configure_backend(config, torch.device("cpu"))  # as the entry points do
     torch.manual_seed(0)
     return MAMLFewShotClassifier(config, torch.device("cpu"))
 

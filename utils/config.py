@@ -145,10 +145,16 @@ class ExperimentConfig:
 
     # --- speed ----------------------------------------------------------------------------
     task_batching: str = _field(
-        "batched", "compute all tasks of a meta-batch at once, or one after another", choices=("batched", "loop"))
+        "auto", "compute all tasks of a meta-batch at once (batched), or one after another (loop, the least "
+        "memory); auto: batched on CUDA and for images up to 32x32 on the CPU, else loop",
+        choices=("auto", "batched", "loop"))
     mixed_precision: bool = _field(False, "bf16 autocast of the network's forward passes (CUDA, or a CPU with AVX512-BF16/AMX)")
     channels_last: bool = _field(False, "channels_last memory format for the convolutions (helps on CUDA)")
-    cudnn_benchmark: bool = _field(True, "let cuDNN pick the fastest convolution algorithms (CUDA)")
+    cudnn_benchmark: bool = _field(
+        False, "let cuDNN autotune its convolution algorithms (CUDA; runs then differ; needs deterministic false)")
+    deterministic: bool = _field(
+        True, "CUDA: deterministic algorithms where PyTorch has them and no autotuning, so identical runs give "
+              "identical results (the CPU always is)")
     compile_backbone: bool = _field(
         False, "torch.compile the backbone where no double backward runs through it (first order, evaluation)")
 
@@ -306,6 +312,9 @@ def _check_limits(config: ExperimentConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: {config.num_stages} stages halve {config.image_height}x{config.image_width} images "
             f"below one pixel; lower num_stages or raise image_height/image_width")
+    if config.deterministic and config.cudnn_benchmark:
+        raise ConfigError(f"{source}: cudnn_benchmark true autotunes convolutions differently in every run, which "
+                          f"deterministic true rules out; set --deterministic false to autotune")
     if config.leaky_relu_slope is not None and config.activation != "leaky_relu":
         raise ConfigError(f"{source}: leaky_relu_slope is set ({config.leaky_relu_slope}) but activation is "
                           f"{config.activation!r}; drop leaky_relu_slope or use --activation leaky_relu")
