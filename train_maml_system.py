@@ -19,7 +19,9 @@ from utils import distributed
 from utils.config import ConfigError, parse_command_line
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
-from utils.storage import CheckpointError, StorageError, checkpoint_path
+from utils.checkpoints import CheckpointError
+from utils.experiment_paths import ExperimentPaths
+from utils.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except distributed.DistributedError as error:
-        latest = checkpoint_path(config.experiment_folder / "saved_models", "latest")
+        latest = ExperimentPaths(config.experiment_folder).latest_checkpoint
         print(f"error: {error}.\nAnother rank has probably died or hangs: see its messages. Checkpoints are "
               f"written atomically, so the last one ({latest}) is intact: rerun the command with "
               f"--continue_from_epoch latest (the default) to resume, on any number of ranks.", file=sys.stderr)
