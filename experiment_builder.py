@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ from utils.inner_loop_statistics import InnerLoopStatisticsLog
 from utils.interrupt import StopRequest, TrainingInterrupted
 from utils.nonfinite import count_skipped
 from utils.preflight import check_datasets
-from utils.storage import probe_writable, write_csv, write_json
+from utils.storage import StorageError, probe_writable, write_csv, write_json
 from utils.tensorboard_log import TensorBoardLog
+from utils.trainer_lock import ExperimentBusyError, lock_experiment_folder
 
 
 def fresh_epoch_progress() -> dict[str, Any]:
@@ -357,11 +358,36 @@ class ExperimentBuilder:
     def run_experiment(self) -> Optional[dict[str, Any]]:
         """Train (resuming as configured) and end with the ensemble test; or only test."""
         check_datasets(self.config)  # contradictions with the datasets fail now, not after an epoch
-        if self.config.evaluate_on_test_set_only:
-            return self.run_ensemble_test()
-        # A full disk or an unwritable folder fails now too (the best epochs, latest, one being written).
-        if self.distributed.is_main:  # the only rank that writes
-            probe_writable(self.folder, self.checkpoints.bytes_needed(self.model))
+        with self._hold_folder():
+            if self.config.evaluate_on_test_set_only:
+                return self.run_ensemble_test()
+            return self._train_and_test()
+
+    @contextmanager
+    def _hold_folder(self) -> Iterator[None]:
+        """The run's claim on its folder: no other process trains in it meanwhile (utils/trainer_lock.py), and
+        it has room for the checkpoints (the best epochs, latest, one being written).
+
+        Rank 0, the only rank that writes, checks both; every rank learns the outcome, so all stop together.
+        """
+        training = not self.config.evaluate_on_test_set_only
+        with ExitStack() as held:
+            problem = None
+            if self.distributed.is_main:
+                try:
+                    held.enter_context(lock_experiment_folder(self.paths, training))
+                    if training:
+                        probe_writable(self.folder, self.checkpoints.bytes_needed(self.model))
+                except (ExperimentBusyError, StorageError) as error:
+                    problem = error
+            rank_zero_problem = self.distributed.gather(None if problem is None else str(problem))[0]
+            if problem is not None:
+                raise problem
+            if rank_zero_problem is not None:
+                raise ExperimentBusyError(f"rank 0 stopped the run: {rank_zero_problem}")
+            yield
+
+    def _train_and_test(self) -> Optional[dict[str, Any]]:
         self._resume()
         if self.distributed.is_main:
             save_config(self.config, self.paths.config)

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=N train_maml_system.py --name_of_args_json_file CONFIG   (N GPUs, batch_size per GPU)
 
 Any config key can be overridden: --batch_size 2 --total_epochs 10 --device cpu.
-Exit status: 0 done, 2 an error (printed as "error: ..."), 1 a rank of a torchrun run died, hung or never joined,
+Exit status: 0 done, 2 an error (printed as "error: ...", also when another run trains in the same experiment
+folder), 1 a rank of a torchrun run died, hung or never joined,
 75 stopped by SIGINT/SIGTERM after saving a resumable checkpoint (rerun with --continue_from_epoch latest).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from utils.nonfinite import TrainingDiverged
 from utils.checkpoints import CheckpointError
 from utils.experiment_paths import ExperimentPaths
 from utils.storage import StorageError
+from utils.trainer_lock import ExperimentBusyError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_command_line(argv)
         with distributed.session(select_device(config.device), config.distributed_timeout_s) as context:
             ExperimentBuilder(config, context).run_experiment()
-    except (ConfigError, DatasetError, CheckpointError, StorageError, TrainingDiverged) as error:
+    except (ConfigError, DatasetError, CheckpointError, StorageError, TrainingDiverged, ExperimentBusyError) as error:
         print(f"error: {prefix}{error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:

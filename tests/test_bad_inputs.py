@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import utils.storage as storage
-from conftest import command_line, make_toy_dataset, tiny_overrides, write_archive
+from conftest import command_line, folder_held_by_another_process, make_toy_dataset, tiny_overrides, write_archive
 from experiment_builder import ExperimentBuilder
 from preprocess.archives import PreprocessError, safe_extract
 from train_maml_system import main
@@ -202,6 +202,29 @@ def test_test_only_without_a_trained_model(capsys, datasets, experiments):
     code, err = run_cli(capsys, datasets, experiments, experiment_name="never_trained", evaluate_on_test_set_only=True)
     assert code == 2 and "no trained model in" in err and "train first" in err
     assert fingerprint(experiments) == before
+
+
+# ---------------------------------------------------------------------------------- one trainer per folder
+def test_a_second_trainer_on_the_same_folder_is_refused_and_changes_nothing(capsys, datasets, experiments):
+    with folder_held_by_another_process(paths(experiments).folder) as holder:
+        before = fingerprint(experiments)
+        code, err = run_cli(capsys, datasets, experiments, total_epochs=3)
+        assert code == 2 and "Traceback" not in err
+        assert err.startswith(f"error: {paths(experiments).folder} is in use by another training run (pid "
+                              f"{holder.pid} on ")
+        assert fingerprint(experiments) == before
+
+
+def test_test_only_is_refused_while_a_trainer_writes_the_checkpoints(capsys, datasets, experiments):
+    with folder_held_by_another_process(paths(experiments).folder) as holder:
+        before = fingerprint(experiments)
+        code, err = run_cli(capsys, datasets, experiments, evaluate_on_test_set_only=True)
+        assert code == 2 and f"is being trained (pid {holder.pid} on " in err
+        assert "a test-only run would read checkpoints while they are rewritten" in err
+        assert fingerprint(experiments) == before
+    # The trainer has ended (killed, even): the test runs.
+    code, err = run_cli(capsys, datasets, experiments, evaluate_on_test_set_only=True)
+    assert code == 0, err
 
 
 # ---------------------------------------------------------------------------------- non-finite losses

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import command_line, tiny_overrides
+from conftest import command_line, folder_held_by_another_process, tiny_overrides
 from data import FewShotDataProvider
 from experiment_builder import ExperimentBuilder
 from utils.config import load_config
@@ -242,3 +242,20 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_iteration_and_resumes_ex
                               strict=True):
         for key in ("train_loss_mean", "train_accuracy_mean", "val_loss_mean", "val_accuracy_mean"):
             assert row[key] == pytest.approx(reference[key], rel=1e-12), key
+
+
+def test_two_ranks_on_a_folder_another_run_trains_in_both_stop_at_once(toy_datasets, tmp_path):
+    """Rank 0 finds the folder locked; rank 1, which takes no lock, learns it from rank 0 instead of waiting
+    in the next collective for a rank that has gone."""
+    overrides = tiny_overrides(toy_datasets, tmp_path, experiment_name="busy", batch_size=TASKS_PER_RANK,
+                               distributed_timeout_s=60, **RUN)
+    with folder_held_by_another_process(tmp_path / "busy") as holder:
+        ranks = start_ranks(["train_maml_system.py"], overrides)
+        try:
+            errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+        finally:
+            for rank in ranks:
+                rank.kill()
+    assert [rank.returncode for rank in ranks] == [2, 2], errors
+    assert f"error: rank 0: {tmp_path / 'busy'} is in use by another training run (pid {holder.pid} " in errors[0]
+    assert "error: rank 1: rank 0 stopped the run: " in errors[1] and "Traceback" not in errors[1]
