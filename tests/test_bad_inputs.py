@@ -379,6 +379,7 @@ def final_state(experiments: Path, name: str) -> dict:
     return read_checkpoint(ExperimentPaths(experiments / name).latest_checkpoint)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number):
     experiments = tmp_path / "experiments"
@@ -405,6 +406,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number):
             {k: v for k, v in other.items() if k != "epoch_time_s"}
 
 
+@pytest.mark.slow
 def test_second_signal_stops_at_once_and_damages_nothing(datasets, experiments):
     before = fingerprint(experiments)
     builder = ExperimentBuilder(load_config(overrides=overrides(datasets, experiments, total_epochs=3)))
@@ -414,6 +416,7 @@ def test_second_signal_stops_at_once_and_damages_nothing(datasets, experiments):
     assert without_the_config(fingerprint(experiments)) == without_the_config(before)  # total_epochs=3 now
 
 
+@pytest.mark.slow
 def test_sigterm_kills_a_real_training_process_which_resumes_to_the_same_weights(datasets, trained, tmp_path):
     # `trained` has filled the dataset's decoding cache, which the two first processes then only read.
     def command(name):

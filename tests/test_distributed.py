@@ -27,6 +27,8 @@ from utils.interrupt import INTERRUPTED_EXIT_CODE
 from utils.checkpoints import read_checkpoint
 from utils.experiment_paths import ExperimentPaths
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun or rank processes
+
 REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 # Tasks per rank; the one-process reference uses RANKS * TASKS_PER_RANK. evaluation_batch_size is

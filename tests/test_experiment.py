@@ -216,6 +216,7 @@ def test_batched_and_loop_training_give_the_same_run(tiny_config):
     assert batched_summary["ensemble_test_accuracy"] == pytest.approx(loop_summary["ensemble_test_accuracy"], abs=0.02)
 
 
+@pytest.mark.slow
 def test_command_line_trains_tests_and_reports_errors(toy_datasets, tmp_path):
     command = [sys.executable, "train_maml_system.py", "--name_of_args_json_file",
                "experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml",

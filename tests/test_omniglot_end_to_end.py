@@ -16,6 +16,8 @@ import pytest
 
 from utils.experiment_paths import ExperimentPaths
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 
