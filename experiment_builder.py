@@ -1,23 +1,17 @@
-"""The experiment: training epochs, validation, checkpoints, resume and the top-N ensemble test.
+"""The experiment: training epochs, validation, resume and the top-N ensemble test.
 
-Folder layout of an experiment (MAML++'s):
-    EXPERIMENT/config.yaml                          the resolved config
-    EXPERIMENT/saved_models/train_model_{epoch}     the best `max_models_to_save` epochs by val accuracy
-    EXPERIMENT/saved_models/train_model_latest      everything needed to resume exactly (mid-epoch after a signal)
-    EXPERIMENT/logs/summary_statistics.csv          one row per epoch
-    EXPERIMENT/logs/inner_loop_statistics.csv       per epoch and inner step (log_inner_loop_statistics)
-    EXPERIMENT/test_summary.{json,csv}              the ensemble test (test_summary_{DATASET} cross-domain)
-
-Under torchrun the ranks split the tasks and only rank 0 writes these files (utils/distributed.py).
+The experiment folder's files are named in utils/experiment_paths.py (MAML++'s layout); the checkpoints,
+what they hold and how they are checked, in utils/checkpoints.py. Under torchrun the ranks split the
+tasks and only rank 0 writes files (utils/distributed.py).
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,32 +20,17 @@ from tqdm import tqdm
 from data import FewShotDataProvider
 from few_shot_learning_system import MAMLFewShotClassifier
 from utils.backend import resolve_device
+from utils.checkpoints import Checkpoint, CheckpointError, CheckpointStore, best_epochs, read_checkpoint
 from utils.config import ExperimentConfig, save_config
 from utils.distributed import DistributedContext
-from utils.inner_loop_statistics import STATISTICS_FILE, InnerLoopStatisticsLog
+from utils.experiment_paths import ExperimentPaths
+from utils.inner_loop_statistics import InnerLoopStatisticsLog
 from utils.interrupt import StopRequest, TrainingInterrupted
 from utils.nonfinite import count_skipped
 from utils.preflight import check_datasets
-from utils.storage import (CheckpointError, checkpoint_path, load_checkpoint, probe_writable, resume_candidates,
-                           save_checkpoint, saved_epochs, write_csv, write_json)
+from utils.storage import StorageError, probe_writable, write_csv, write_json
 from utils.tensorboard_log import TensorBoardLog
-
-CHECKPOINT_FORMAT = 1
-# Keys that decide the shape or meaning of the saved parameters: a checkpoint trained with other
-# values cannot be loaded into this model. The input scaling is one: weights trained on raw [0, 1]
-# pixels mean something else on standardised ones.
-ARCHITECTURE_KEYS = (
-    "image_channels", "image_height", "image_width", "num_classes_per_set", "cnn_num_filters", "num_stages",
-    "use_bias", "conv_padding", "max_pooling", "per_step_bn_statistics", "number_of_training_steps_per_iter",
-    "learnable_per_layer_per_step_inner_loop_learning_rate", "enable_inner_loop_optimizable_bn_params",
-    "contextual_grad", "num_context_params", "activation", "input_normalisation", "backbone", "resnet_widths",
-    "leaky_relu_slope",
-)
-# What checkpoints saved before a key existed were trained with (a missing leaky_relu_slope is None:
-# the backbone's own slope).
-VALUES_BEFORE_THE_KEY_EXISTED = {"activation": "relu", "input_normalisation": "dataset_statistics",
-                                 "backbone": "4-CONV", "resnet_widths": [64, 160, 320, 640]}
-CHECKPOINT_KEYS = ("format", "network", "optimizer", "scheduler", "rng", "experiment", "config")
+from utils.trainer_lock import ExperimentBusyError, lock_experiment_folder
 
 
 def fresh_epoch_progress() -> dict[str, Any]:
@@ -81,8 +60,8 @@ class ExperimentBuilder:
         self.distributed = distributed or DistributedContext(device=resolve_device(config.device))
         self.device = self.distributed.device
         self.folder = config.experiment_folder
-        self.models_folder = self.folder / "saved_models"
-        self.logs_folder = self.folder / "logs"
+        self.paths = ExperimentPaths(self.folder)
+        self.checkpoints = CheckpointStore(self.paths, config)
         torch.manual_seed(config.seed)
         self.model = MAMLFewShotClassifier(config, self.device, gradient_reducer=self.distributed.average_gradients)
         self.distributed.broadcast_parameters(self.model)
@@ -90,100 +69,38 @@ class ExperimentBuilder:
         self.stop = StopRequest()  # installed around training by run_experiment
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_state(self) -> dict[str, Any]:
-        # Task sampling draws from its own seeded generators (data.py), so torch's state is all there is.
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"format": CHECKPOINT_FORMAT, "network": self.model.state_dict(),
-                "optimizer": self.model.optimizer.state_dict(), "scheduler": self.model.scheduler.state_dict(),
-                "rng": rng, "experiment": self.state, "config": self.config.to_dict(),
-                "world_size": self.distributed.world_size}
+    def _checkpoint(self) -> Checkpoint:
+        return self.checkpoints.capture(self.model, self.state, self.distributed.world_size)
 
-    def _check_compatible(self, saved_config: dict[str, Any], path: Path) -> None:
-        saved_config = {**VALUES_BEFORE_THE_KEY_EXISTED, **saved_config}
-        keys = [key for key in ARCHITECTURE_KEYS if saved_config.get(key) != getattr(self.config, key)]
-        if keys:
-            differing = [f"{key} (checkpoint: {saved_config.get(key)!r}, now: {getattr(self.config, key)!r})"
-                         for key in keys]
-            # A config.yaml written before a key existed lacks it, so the options are spelled out too.
-            options = " ".join(f"--{key} {saved_config.get(key)}" for key in keys)
-            raise CheckpointError(
-                f"checkpoint {path} was trained with another architecture; differing keys: "
-                + "; ".join(differing) + ". Use the config it was trained with (saved in "
-                f"{self.folder / 'config.yaml'}; these options restore it: {options}) or another --experiment_name.")
-
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any]:
-        checkpoint = load_checkpoint(path)
-        if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
-                or any(key not in checkpoint for key in CHECKPOINT_KEYS)):
-            raise CheckpointError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
-        return checkpoint
-
-    def _newest_valid_checkpoint(self) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
-        """`train_model_latest`, else the newest readable epoch checkpoint (with a warning); (None, None) if
-        there are none at all. Unreadable ones are skipped, never deleted."""
-        unreadable = []
-        for path in resume_candidates(self.models_folder):
-            try:
-                checkpoint = self._read(path)
-            except CheckpointError as error:
-                unreadable.append(str(error))
-                continue
-            if path != checkpoint_path(self.models_folder, "latest"):
-                problems = unreadable or [f"{checkpoint_path(self.models_folder, 'latest')} does not exist"]
-                print(f"warning: {'; '.join(problems)}. Falling back to {path}, the newest valid checkpoint: "
-                      f"training repeats what came after it", file=sys.stderr, flush=True)
-            return checkpoint, path
-        if unreadable:
-            raise CheckpointError(
-                f"no checkpoint in {self.models_folder} can be read: " + "; ".join(unreadable)
-                + ". Move them away to start again, or use another --experiment_name")
-        return None, None
-
-    def _load(self, path: Path, restore_training: bool) -> dict[str, Any]:
-        return self._restore(self._read(path), path, restore_training)
-
-    def _restore(self, checkpoint: dict[str, Any], path: Path, restore_training: bool) -> dict[str, Any]:
-        self._check_compatible(checkpoint["config"], path)
-        self.model.load_state_dict(checkpoint["network"])
+    def _restore(self, checkpoint: Checkpoint, path: Path, restore_training: bool) -> None:
+        self.checkpoints.restore(checkpoint, path, self.model, restore_training)
         if restore_training:
-            self.model.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.model.scheduler.load_state_dict(checkpoint["scheduler"])
-            rng = checkpoint["rng"]
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
             # Checkpoints from before a state key existed resume with its fresh value.
             self.state = {**fresh_state(), **checkpoint["experiment"]}
-        return checkpoint
 
     def _resume(self) -> None:
         choice = self.config.continue_from_epoch
         if choice == "from_scratch":
-            if resume_candidates(self.models_folder):
+            if self.checkpoints.resume_candidates():
                 raise CheckpointError(
-                    f"{self.models_folder} already holds checkpoints and from_scratch would overwrite them; "
+                    f"{self.checkpoints.folder} already holds checkpoints and from_scratch would overwrite them; "
                     f"resume with --continue_from_epoch latest, or start a new --experiment_name")
             return
         if choice == "latest":
-            checkpoint, path = self._newest_valid_checkpoint()
+            checkpoint, path = self.checkpoints.newest_valid()
             if checkpoint is None:
                 return  # nothing to resume: a new experiment
-            self._restore(checkpoint, path, restore_training=True)
         else:
-            path = checkpoint_path(self.models_folder, choice)
-            if not path.exists():
-                raise CheckpointError(f"no checkpoint {path}; saved epochs: {saved_epochs(self.models_folder)}")
-            checkpoint = self._load(path, restore_training=True)
+            path = self.checkpoints.path(int(choice))
+            checkpoint = self.checkpoints.read_epoch(int(choice))
+        self._restore(checkpoint, path, restore_training=True)
         if self.distributed.is_main:
             done = self.state["epoch_progress"]["iterations"]
             print(f"Resumed {self.folder} from {path.name}: next epoch {self.state['next_epoch']}"
                   + (f", iteration {done} of {self.config.total_iter_per_epoch}" if done else ""))
             self._note_meta_batch_change(checkpoint)
 
-    def _note_meta_batch_change(self, checkpoint: dict[str, Any]) -> None:
+    def _note_meta_batch_change(self, checkpoint: Checkpoint) -> None:
         """batch_size counts tasks per rank: resuming on another number of ranks may change the meta-batch."""
         saved_ranks = checkpoint.get("world_size", 1)
         saved = checkpoint["config"]["batch_size"] * saved_ranks
@@ -195,19 +112,12 @@ class ExperimentBuilder:
                   f"{self.config.batch_size * ranks}{advice}")
 
     def _save_epoch(self, epoch: int) -> None:
-        if not self.distributed.is_main:  # the others wait at the barrier that ends the epoch
-            return
-        save_checkpoint(self._checkpoint_state(), checkpoint_path(self.models_folder, epoch),
-                        checkpoint_path(self.models_folder, "latest"))
-        keep = set(self.best_epochs())
-        for old in saved_epochs(self.models_folder):
-            if old not in keep and old <= epoch:
-                checkpoint_path(self.models_folder, old).unlink()
+        if self.distributed.is_main:  # the others wait at the barrier that ends the epoch
+            self.checkpoints.save_epoch(self._checkpoint(), epoch, keep=self.best_epochs())
 
     def best_epochs(self) -> list[int]:
         """The `max_models_to_save` epochs with the best validation accuracy (later epochs win ties)."""
-        rows = sorted(self.state["epoch_rows"], key=lambda r: (-r["val_accuracy_mean"], -r["epoch"]))
-        return [row["epoch"] for row in rows[:self.config.max_models_to_save]]
+        return best_epochs(self.state["epoch_rows"], self.config.max_models_to_save)
 
     # ------------------------------------------------------------------ training
     def evaluate(self, provider: FewShotDataProvider, split: str) -> dict[str, np.ndarray]:
@@ -223,7 +133,7 @@ class ExperimentBuilder:
     def train(self) -> bool:
         """Train up to `total_epochs`; False when `total_epochs_before_pause` stopped it earlier."""
         first_epoch = self.state["next_epoch"]
-        tensorboard = (TensorBoardLog(self.logs_folder / "tensorboard", first_epoch)
+        tensorboard = (TensorBoardLog(self.paths.tensorboard, first_epoch)
                        if self.config.use_tensorboard and self.distributed.is_main else None)
         try:
             return self._train_epochs(tensorboard)
@@ -235,7 +145,7 @@ class ExperimentBuilder:
         config = self.config
         # Statistics of an epoch interrupted by a signal cover the iterations run after the resume.
         # Under torchrun they are rank 0's share of the tasks.
-        inner_loop_log = (InnerLoopStatisticsLog(self.logs_folder / STATISTICS_FILE, self.state["next_epoch"])
+        inner_loop_log = (InnerLoopStatisticsLog(self.paths.inner_loop_statistics, self.state["next_epoch"])
                           if config.log_inner_loop_statistics and self.distributed.is_main else None)
         # A resumed run keeps the statistics it started with, even if the dataset was rebuilt since.
         recorded = self._recorded_input_statistics if self.state["normalisation"] is not None else None
@@ -253,9 +163,9 @@ class ExperimentBuilder:
         """The training split's (mean, std) the checkpoint recorded; asked for only by dataset_statistics."""
         if self.state["normalisation"] is None:
             raise CheckpointError(
-                f"input_normalisation is dataset_statistics, but the checkpoints in {self.models_folder} "
+                f"input_normalisation is dataset_statistics, but the checkpoints in {self.checkpoints.folder} "
                 f"record no input statistics (they were trained with input_normalisation none); test with "
-                f"--input_normalisation none, the config they were trained with ({self.folder / 'config.yaml'})")
+                f"--input_normalisation none, the config they were trained with ({self.paths.config})")
         mean, std = (np.asarray(values, dtype=np.float32) for values in self.state["normalisation"])
         return mean, std
 
@@ -279,7 +189,7 @@ class ExperimentBuilder:
             if self._stop_requested():  # the signal came during validation: the epoch is saved, stop now
                 raise TrainingInterrupted(
                     f"stopped by {self.stop.signal_name} after epoch {epoch}; its checkpoint is saved in "
-                    f"{self.models_folder}. Resume: rerun the same command with --continue_from_epoch latest")
+                    f"{self.checkpoints.folder}. Resume: rerun the same command with --continue_from_epoch latest")
         return True
 
     def _train_iterations(self, provider: FewShotDataProvider, epoch: int,
@@ -333,7 +243,7 @@ class ExperimentBuilder:
         self.state["epoch_progress"] = fresh_epoch_progress()
         self._save_epoch(epoch)
         if self.distributed.is_main:
-            write_csv(self.logs_folder / "summary_statistics.csv", self.state["epoch_rows"])
+            write_csv(self.paths.summary_statistics, self.state["epoch_rows"])
             print(f"epoch {epoch}: train loss {row['train_loss_mean']:.4f} "
                   f"acc {row['train_accuracy_mean']:.4f} | val loss {row['val_loss_mean']:.4f} "
                   f"acc {row['val_accuracy_mean']:.4f} | "
@@ -349,7 +259,7 @@ class ExperimentBuilder:
         """Count an update skipped for a non-finite loss or gradient; stop the run after too many in a row."""
         in_a_row = count_skipped(self.state["nonfinite_in_a_row"], skipped, iteration,
                                  self.config.max_consecutive_nonfinite_iterations,
-                                 checkpoint_path(self.models_folder, "latest"))
+                                 self.checkpoints.latest)
         self.state["nonfinite_in_a_row"] = in_a_row
         if skipped:
             self.state["epoch_progress"]["skipped"] += 1
@@ -373,12 +283,12 @@ class ExperimentBuilder:
 
     def _stop_mid_epoch(self, iteration: int, epoch: int) -> None:
         """Save where this epoch stands (only `train_model_latest`: epoch checkpoints stay whole epochs)."""
-        path = checkpoint_path(self.models_folder, "latest")
+        path = self.checkpoints.latest
         progress = self.state["epoch_progress"]
         # The checkpoint carries the mean over the ranks of each iteration's metrics, as an epoch's row does.
         progress["losses"], progress["accuracies"] = (values.tolist() for values in self._progress_over_ranks())
         if self.distributed.is_main:
-            save_checkpoint(self._checkpoint_state(), path)
+            self.checkpoints.save_latest(self._checkpoint())
         self.distributed.barrier()
         done = progress["iterations"]
         raise TrainingInterrupted(
@@ -390,14 +300,14 @@ class ExperimentBuilder:
     def run_ensemble_test(self) -> dict[str, Any]:
         """Average the softmax outputs of the best epochs on the fixed test tasks; write the summary."""
         config = self.config
-        checkpoint, path = self._newest_valid_checkpoint()
+        checkpoint, path = self.checkpoints.newest_valid()
         if checkpoint is None:
-            raise CheckpointError(f"no trained model in {self.models_folder}: train first (same config, "
+            raise CheckpointError(f"no trained model in {self.checkpoints.folder}: train first (same config, "
                                   f"without --evaluate_on_test_set_only)")
         self._restore(checkpoint, path, restore_training=True)
-        epochs = [e for e in self.best_epochs() if checkpoint_path(self.models_folder, e).exists()]
+        epochs = [e for e in self.best_epochs() if self.checkpoints.path(e).exists()]
         if not epochs:
-            raise CheckpointError(f"no epoch checkpoints left in {self.models_folder}")
+            raise CheckpointError(f"no epoch checkpoints left in {self.checkpoints.folder}")
         test_name = config.test_dataset or config.dataset_name
         folder = (config.dataset_folder.parent / test_name) if config.test_dataset else None
         with self.distributed.main_first():  # the trained model's input scaling, also on another dataset
@@ -406,7 +316,8 @@ class ExperimentBuilder:
         val_accuracy = {row["epoch"]: row["val_accuracy_mean"] for row in self.state["epoch_rows"]}
         per_model, summed = [], None
         for epoch in epochs:
-            self._load(checkpoint_path(self.models_folder, epoch), restore_training=False)
+            epoch_path = self.checkpoints.path(epoch)
+            self._restore(read_checkpoint(epoch_path), epoch_path, restore_training=False)
             outputs = self.evaluate(provider, "test")
             summed = outputs["probabilities"] if summed is None else summed + outputs["probabilities"]
             accuracy, interval = mean_and_confidence(outputs["accuracy"])
@@ -425,9 +336,10 @@ class ExperimentBuilder:
                    "models": per_model}
         if not self.distributed.is_main:
             return summary
-        stem = f"test_summary_{test_name}" if config.test_dataset else "test_summary"
-        write_json(self.folder / f"{stem}.json", summary)
-        write_csv(self.folder / f"{stem}.csv", [{k: v for k, v in summary.items() if k != "models"}])
+        cross_domain = test_name if config.test_dataset else None
+        write_json(self.paths.test_summary(cross_domain, ".json"), summary)
+        write_csv(self.paths.test_summary(cross_domain, ".csv"),
+                  [{key: value for key, value in summary.items() if key != "models"}])
         print(f"Ensemble of {len(per_model)} models (epochs {epochs}) on {test_name} test, "
               f"{len(ensemble_accuracy)} tasks: accuracy {100 * accuracy:.2f}% +- {100 * interval:.2f}% "
               f"(best single model: {100 * best_single['test_accuracy']:.2f}% "
@@ -437,21 +349,42 @@ class ExperimentBuilder:
     def run_experiment(self) -> Optional[dict[str, Any]]:
         """Train (resuming as configured) and end with the ensemble test; or only test."""
         check_datasets(self.config)  # contradictions with the datasets fail now, not after an epoch
-        if self.config.evaluate_on_test_set_only:
-            return self.run_ensemble_test()
-        # A full disk or an unwritable folder fails now too (the best epochs, latest, one being written).
-        if self.distributed.is_main:  # the only rank that writes
-            probe_writable(self.folder, self._checkpoint_bytes() * (self.config.max_models_to_save + 2))
+        with self._hold_folder():
+            if self.config.evaluate_on_test_set_only:
+                return self.run_ensemble_test()
+            return self._train_and_test()
+
+    @contextmanager
+    def _hold_folder(self) -> Iterator[None]:
+        """The run's claim on its folder: no other process trains in it meanwhile (utils/trainer_lock.py), and
+        it has room for the checkpoints (the best epochs, latest, one being written).
+
+        Rank 0, the only rank that writes, checks both; every rank learns the outcome, so all stop together.
+        """
+        training = not self.config.evaluate_on_test_set_only
+        with ExitStack() as held:
+            problem = None
+            if self.distributed.is_main:
+                try:
+                    held.enter_context(lock_experiment_folder(self.paths, training))
+                    if training:
+                        probe_writable(self.folder, self.checkpoints.bytes_needed(self.model))
+                except (ExperimentBusyError, StorageError) as error:
+                    problem = error
+            rank_zero_problem = self.distributed.gather(None if problem is None else str(problem))[0]
+            if problem is not None:
+                raise problem
+            if rank_zero_problem is not None:
+                raise ExperimentBusyError(f"rank 0 stopped the run: {rank_zero_problem}")
+            yield
+
+    def _train_and_test(self) -> Optional[dict[str, Any]]:
         self._resume()
         if self.distributed.is_main:
-            save_config(self.config, self.folder / "config.yaml")
+            save_config(self.config, self.paths.config)
         self.distributed.barrier()  # every rank has read the checkpoints before any is rewritten
         with self.stop:  # SIGINT/SIGTERM: finish the iteration, save, raise TrainingInterrupted
             finished = self.train()
         if finished:
             return self.run_ensemble_test()
         return None
-
-    def _checkpoint_bytes(self) -> int:
-        """About one checkpoint's size: the parameters, and Adam's two moments of each."""
-        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())

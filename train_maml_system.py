@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=N train_maml_system.py --name_of_args_json_file CONFIG   (N GPUs, batch_size per GPU)
 
 Any config key can be overridden: --batch_size 2 --total_epochs 10 --device cpu.
-Exit status: 0 done, 2 an error (printed as "error: ..."), 1 a rank of a torchrun run died, hung or never joined,
+Exit status: 0 done, 2 an error (printed as "error: ...", also when another run trains in the same experiment
+folder), 1 a rank of a torchrun run died, hung or never joined,
 75 stopped by SIGINT/SIGTERM after saving a resumable checkpoint (rerun with --continue_from_epoch latest).
 """
 from __future__ import annotations
@@ -20,7 +21,10 @@ from utils.backend import configure_backend, resolve_device
 from utils.config import ConfigError, parse_command_line
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
-from utils.storage import CheckpointError, StorageError, checkpoint_path
+from utils.checkpoints import CheckpointError
+from utils.experiment_paths import ExperimentPaths
+from utils.storage import StorageError
+from utils.trainer_lock import ExperimentBusyError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_backend(config, device)  # process-wide torch settings, once, before anything is built
         with distributed.session(device, config.distributed_timeout_s) as context:
             ExperimentBuilder(config, context).run_experiment()
-    except (ConfigError, DatasetError, CheckpointError, StorageError, TrainingDiverged) as error:
+    except (ConfigError, DatasetError, CheckpointError, StorageError, TrainingDiverged, ExperimentBusyError) as error:
         print(f"error: {prefix}{error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except distributed.DistributedError as error:
-        latest = checkpoint_path(config.experiment_folder / "saved_models", "latest")
+        latest = ExperimentPaths(config.experiment_folder).latest_checkpoint
         print(f"error: {error}.\nAnother rank has probably died or hangs: see its messages. Checkpoints are "
               f"written atomically, so the last one ({latest}) is intact: rerun the command with "
               f"--continue_from_epoch latest (the default) to resume, on any number of ranks.", file=sys.stderr)

@@ -39,7 +39,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/time_to_accuracy.py`:
 import train_maml_system
 from data import SPLIT_CODES, DatasetError, load_split, require_dataset
 from utils.config import ConfigError, ExperimentConfig, parse_command_line
-from utils.summarize_results import SUMMARY_FILE, read_epoch_rows, read_summary
+from utils.experiment_paths import ExperimentPaths
+from utils.summarize_results import read_epoch_rows, read_summary
 
 DEFAULT_THRESHOLDS = (0.90, 0.95, 0.97, 0.99)
 
@@ -109,7 +110,7 @@ def report(config: ExperimentConfig, thresholds: list[float], total_wall_s: floa
         lines.append(epoch)
         lines += [line for line in crossings if line["epoch"] == epoch["epoch"]]
     lines += [line for line in crossings if not line["reached"]]
-    summary = read_summary(folder / SUMMARY_FILE)
+    summary = read_summary(ExperimentPaths(folder).test_summary())
     lines.append({
         "event": "test", "config": config_file, "overrides": overrides, "experiment_folder": str(folder),
         "dataset": summary["dataset"], "ways": summary["ways"], "shots": summary["shots"],

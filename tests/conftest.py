@@ -5,16 +5,22 @@ import io
 import json
 import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from utils.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_toy_dataset(root: Path, name: str = "toy", classes=(12, 6, 6), per_class: int = 8, size: int = 16,
@@ -107,3 +113,27 @@ def scratch_dir():
     folder = Path(tempfile.mkdtemp(prefix="fsl-test-", dir=shm if in_ram else None))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# A process that holds an experiment folder's lock as a training (or test-only) run does, until killed.
+_HOLDER = """
+import sys, time
+from utils.experiment_paths import ExperimentPaths
+from utils.trainer_lock import lock_experiment_folder
+with lock_experiment_folder(ExperimentPaths(sys.argv[1]), training=sys.argv[2] == "training"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextmanager
+def folder_held_by_another_process(folder: Path, training: bool = True) -> Iterator[subprocess.Popen]:
+    """A real second process holding `folder`'s lock while the block runs; killed (SIGKILL) afterwards."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), "training" if training else "testing"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n", "the holding process did not take the lock"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -18,14 +18,16 @@ from PIL import Image
 from data import FewShotDataProvider
 from experiment_builder import ExperimentBuilder
 from few_shot_learning_system import MAMLFewShotClassifier, last_step_only, per_task_cross_entropy
-from utils.inner_loop_statistics import STATISTICS_FILE, InnerLoopStatistics, InnerLoopStatisticsLog, read_statistics
+from utils.inner_loop_statistics import InnerLoopStatistics, InnerLoopStatisticsLog, read_statistics
 from tests.conftest import tiny_overrides
 from utils import plot_experiment, summarize_results
 from utils.config import ConfigError, load_config
-from utils.storage import CheckpointError
+from utils.checkpoints import CheckpointError
+from utils.experiment_paths import ExperimentPaths
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2  # number_of_training_steps_per_iter of the tiny config
+NO_CHECKPOINTS = shutil.ignore_patterns(ExperimentPaths(Path()).saved_models.name)  # copies without saved_models
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +103,13 @@ def test_nothing_is_recorded_when_off_or_at_evaluation(tiny_config):
 def test_epoch_log_averages_over_every_task_of_the_epoch(tmp_path):
     names, layers = ["layer0.conv.weight", "linear.weight"], ["layer0.conv.weight"]
     # Two iterations of 2 and 1 tasks, 1 step: the epoch mean and std are over all 3 tasks.
-    log = InnerLoopStatisticsLog(tmp_path / STATISTICS_FILE, first_epoch=0)
+    path = ExperimentPaths(tmp_path).inner_loop_statistics
+    log = InnerLoopStatisticsLog(path, first_epoch=0)
     log.add(InnerLoopStatistics(names, torch.tensor([[[1.0, 3.0], [10.0, 10.0]]]), layers,
                                 torch.tensor([[[0.5, 1.5]]])))
     log.add(InnerLoopStatistics(names, torch.tensor([[[5.0], [40.0]]]), layers, torch.tensor([[[1.0]]])))
     log.end_epoch(0, np.array([1.0]))
-    rows = {(r["quantity"], r["parameter"]): r for r in read_statistics(tmp_path / STATISTICS_FILE)}
+    rows = {(r["quantity"], r["parameter"]): r for r in read_statistics(path)}
     assert rows["grad_norm", "layer0.conv.weight"]["mean"] == pytest.approx(3.0)
     assert rows["grad_norm", "layer0.conv.weight"]["std"] == pytest.approx(np.std([1.0, 3.0, 5.0]))
     assert rows["grad_norm", "linear.weight"]["mean"] == pytest.approx(20.0)
@@ -125,8 +128,8 @@ def test_epoch_log_averages_over_every_task_of_the_epoch(tmp_path):
 def test_training_writes_inner_loop_statistics_per_epoch_and_step(finished_runs):
     for name, is_cxgrad in (("cxgrad", True), ("maml", False)):
         folder = finished_runs / name
-        builder = ExperimentBuilder(load_config(folder / "config.yaml"))
-        rows = read_statistics(folder / "logs" / STATISTICS_FILE)
+        builder = ExperimentBuilder(load_config(ExperimentPaths(folder).config))
+        rows = read_statistics(ExperimentPaths(folder).inner_loop_statistics)
         assert sorted({(r["epoch"], r["step"]) for r in rows}) == [(e, s) for e in range(2) for s in range(STEPS)]
         for epoch in range(2):
             of_epoch = [r for r in rows if r["epoch"] == epoch]
@@ -142,7 +145,7 @@ def test_training_writes_inner_loop_statistics_per_epoch_and_step(finished_runs)
             else:
                 assert gammas == []
     # MSL (2 epochs) weights the steps 1/2, 1/2 in epoch 0, then 1/4, 3/4.
-    cxgrad_rows = read_statistics(finished_runs / "cxgrad" / "logs" / STATISTICS_FILE)
+    cxgrad_rows = read_statistics(ExperimentPaths(finished_runs / "cxgrad").inner_loop_statistics)
     epoch1 = [r["mean"] for r in cxgrad_rows if r["epoch"] == 1 and r["quantity"] == "query_step_weight"]
     np.testing.assert_allclose(epoch1, [0.25, 0.75])
 
@@ -151,7 +154,7 @@ def test_a_resumed_run_keeps_the_earlier_epochs_once(tiny_config):
     first = ExperimentBuilder(tiny_config(log_inner_loop_statistics=True, total_epochs=2, total_epochs_before_pause=1))
     first._resume()
     assert first.train() is False
-    path = first.logs_folder / STATISTICS_FILE
+    path = first.paths.inner_loop_statistics
     epoch0 = read_statistics(path)
     second = ExperimentBuilder(tiny_config(log_inner_loop_statistics=True, total_epochs=2))
     second._resume()
@@ -181,7 +184,7 @@ def test_plot_script_writes_the_figures(finished_runs, tmp_path, capsys):
             assert len(colours) > 50, f"{name} looks blank"
 
     # The printed backbone share, recomputed from the CSV: last epoch, mean over the inner steps.
-    rows = [r for r in read_statistics(finished_runs / "maml" / "logs" / STATISTICS_FILE)
+    rows = [r for r in read_statistics(ExperimentPaths(finished_runs / "maml").inner_loop_statistics)
             if r["epoch"] == 1 and r["quantity"] == "grad_norm"]
     mean = {p: np.mean([r["mean"] for r in rows if r["parameter"] == p]) for p in {r["parameter"] for r in rows}}
     backbone = sum(v for p, v in mean.items() if ".conv.weight" in p)
@@ -191,16 +194,16 @@ def test_plot_script_writes_the_figures(finished_runs, tmp_path, capsys):
 
 def test_plot_script_draws_what_it_can_and_says_what_it_skipped(finished_runs, tmp_path, capsys):
     unrecorded = tmp_path / "unrecorded"
-    shutil.copytree(finished_runs / "maml", unrecorded, ignore=shutil.ignore_patterns("saved_models"))
-    (unrecorded / "logs" / STATISTICS_FILE).unlink()
+    shutil.copytree(finished_runs / "maml", unrecorded, ignore=NO_CHECKPOINTS)
+    ExperimentPaths(unrecorded).inner_loop_statistics.unlink()
     script = [sys.executable, "utils/plot_experiment.py"]
     done = subprocess.run(script + [str(unrecorded)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert re.search(r"gradient_norms.png, gamma.png, msl_importance.png skipped: no inner-loop statistics .* in "
                      rf"{re.escape(str(unrecorded))}: .* --log_inner_loop_statistics true", done.stderr), done.stderr
-    assert sorted(path.name for path in (unrecorded / "plots").iterdir()) == ["learning_curves.png"]
-    assert (unrecorded / "plots" / "learning_curves.png").stat().st_size > 0
+    assert sorted(path.name for path in ExperimentPaths(unrecorded).plots.iterdir()) == ["learning_curves.png"]
+    assert (ExperimentPaths(unrecorded).plots / "learning_curves.png").stat().st_size > 0
 
     # Compared with a run that has them, the inner-loop figures show that run alone, and say so.
     out = tmp_path / "compared"
@@ -224,10 +227,11 @@ def test_plot_script_draws_what_it_can_and_says_what_it_skipped(finished_runs, t
 def test_results_table_lists_finished_experiments_with_their_numbers(finished_runs, tmp_path, capsys):
     root = tmp_path / "experiments"
     for name in ("cxgrad", "maml"):
-        shutil.copytree(finished_runs / name, root / name, ignore=shutil.ignore_patterns("saved_models"))
-    shutil.copytree(root / "maml" / "logs", root / "unfinished" / "logs")  # trained, never tested
+        shutil.copytree(finished_runs / name, root / name, ignore=NO_CHECKPOINTS)
+    # Trained, never tested.
+    shutil.copytree(ExperimentPaths(root / "maml").logs, ExperimentPaths(root / "unfinished").logs)
     (root / "broken").mkdir()
-    (root / "broken" / "test_summary.json").write_text("{not json")
+    ExperimentPaths(root / "broken").test_summary().write_text("{not json")
 
     assert summarize_results.main([str(root)]) == 0
     printed = capsys.readouterr()
@@ -236,8 +240,8 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
     assert sorted(rows) == ["cxgrad", "maml"]
     assert (rows["cxgrad"]["method"], rows["maml"]["method"]) == ("CxGrad", "MAML")
     for name, row in rows.items():
-        summary = json.loads((root / name / "test_summary.json").read_text())
-        epochs = list(csv.DictReader(open(root / name / "logs" / "summary_statistics.csv")))
+        summary = json.loads(ExperimentPaths(root / name).test_summary().read_text())
+        epochs = list(csv.DictReader(open(ExperimentPaths(root / name).summary_statistics)))
         assert (row["dataset"], int(row["ways"]), int(row["shots"])) == ("toy", 5, 1)
         for key in ("ensemble_test_accuracy", "ensemble_test_confidence_95", "best_single_model_test_accuracy",
                     "best_single_model_test_confidence_95"):
@@ -246,7 +250,7 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
         assert float(row["wall_time_s"]) == pytest.approx(sum(float(e["epoch_time_s"]) for e in epochs))
         cell = f"{100 * summary['ensemble_test_accuracy']:.2f} +- {100 * summary['ensemble_test_confidence_95']:.2f}"
         assert cell in printed.out and cell in (root / "results.md").read_text()
-    cross = json.loads((root / "maml" / "test_summary_toy_other.json").read_text())
+    cross = json.loads(ExperimentPaths(root / "maml").test_summary("toy_other").read_text())
     assert float(rows["maml"]["toy_other_ensemble_test_accuracy"]) == pytest.approx(cross["ensemble_test_accuracy"])
     assert rows["cxgrad"]["toy_other_ensemble_test_accuracy"] == ""
     assert "-> toy_other" in (root / "results.md").read_text()
@@ -267,8 +271,8 @@ def write_finished_run(root: Path, name: str, ensemble: float, best_single: floa
     """An experiment folder as the ensemble test leaves it, reduced to what the table reads."""
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"experiment_name": name, **config}))
-    (folder / summarize_results.SUMMARY_FILE).write_text(json.dumps({
+    ExperimentPaths(folder).config.write_text(yaml.safe_dump({"experiment_name": name, **config}))
+    ExperimentPaths(folder).test_summary().write_text(json.dumps({
         "dataset": "omniglot", "ways": 5, "shots": 1, "ensemble_test_accuracy": ensemble,
         "ensemble_test_confidence_95": 0.01, "best_single_model_test_accuracy": best_single,
         "best_single_model_test_confidence_95": 0.012}))
@@ -338,7 +342,7 @@ def test_tensorboard_logs_the_epoch_and_inner_loop_scalars(tiny_config):
 
     builder = ExperimentBuilder(tiny_config(use_tensorboard=True, log_inner_loop_statistics=True, total_epochs=2))
     builder.train()
-    events = EventAccumulator(str(builder.logs_folder / "tensorboard"))
+    events = EventAccumulator(str(builder.paths.tensorboard))
     events.Reload()
     tags = events.Tags()["scalars"]
     assert "epoch/val_accuracy_mean" in tags and "inner_loop/grad_norm/linear.weight/step0" in tags

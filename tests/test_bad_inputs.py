@@ -26,14 +26,15 @@ import pytest
 import torch
 
 import utils.storage as storage
-from conftest import command_line, make_toy_dataset, tiny_overrides, write_archive
+from conftest import command_line, folder_held_by_another_process, make_toy_dataset, tiny_overrides, write_archive
 from experiment_builder import ExperimentBuilder
 from preprocess.archives import PreprocessError, safe_extract
 from train_maml_system import main
 from utils.config import ConfigError, load_config
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
-from utils.storage import checkpoint_path, load_checkpoint
+from utils.checkpoints import read_checkpoint
+from utils.experiment_paths import ExperimentPaths
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = dict(total_epochs=2, max_models_to_save=2)  # the trained experiment: epochs 0 and 1, both kept
@@ -86,8 +87,8 @@ def run_cli(capsys, datasets: Path, experiments: Path, **extra) -> tuple[int, st
     return code, capsys.readouterr().err
 
 
-def models(experiments: Path) -> Path:
-    return experiments / "tiny" / "saved_models"
+def paths(experiments: Path) -> ExperimentPaths:
+    return ExperimentPaths(experiments / "tiny")
 
 
 # ---------------------------------------------------------------------------------- configs and datasets
@@ -128,14 +129,14 @@ def test_config_file_with_odd_keys_or_values(tmp_path, content, message):
 
 # ---------------------------------------------------------------------------------- checkpoints
 def test_truncated_latest_falls_back_to_the_newest_valid_epoch(capsys, datasets, experiments):
-    latest = checkpoint_path(models(experiments), "latest")
+    latest = paths(experiments).checkpoint("latest")
     latest.write_bytes(latest.read_bytes()[:1000])
     before = fingerprint(experiments)
     builder = ExperimentBuilder(load_config(overrides=overrides(datasets, experiments, total_epochs=3)))
     builder._resume()
     err = capsys.readouterr().err
     assert f"checkpoint {latest} cannot be read" in err
-    assert f"Falling back to {checkpoint_path(models(experiments), 1)}, the newest valid checkpoint" in err
+    assert f"Falling back to {paths(experiments).checkpoint(1)}, the newest valid checkpoint" in err
     assert builder.state["next_epoch"] == 2
     assert fingerprint(experiments) == before  # the unreadable file is skipped, not deleted
 
@@ -147,7 +148,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(capsys, da
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    latest = checkpoint_path(models(experiments), "latest")
+    latest = paths(experiments).checkpoint("latest")
     torch.save({"format": 1, "network": Exploit()}, latest)  # torch.save pickles: os.system on a plain load
     before = fingerprint(experiments)
     builder = ExperimentBuilder(load_config(overrides=overrides(datasets, experiments)))
@@ -159,7 +160,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(capsys, da
 
 
 def test_foreign_torch_file_is_not_a_checkpoint(capsys, datasets, experiments):
-    epoch_one = checkpoint_path(models(experiments), 1)
+    epoch_one = paths(experiments).checkpoint(1)
     torch.save({"state_dict": {"weight": torch.zeros(3)}}, epoch_one)
     before = fingerprint(experiments)
     code, err = run_cli(capsys, datasets, experiments, continue_from_epoch=1, total_epochs=3)
@@ -168,18 +169,18 @@ def test_foreign_torch_file_is_not_a_checkpoint(capsys, datasets, experiments):
 
 
 def test_no_readable_checkpoint_names_every_file(capsys, datasets, experiments):
-    for path in models(experiments).iterdir():
+    for path in paths(experiments).saved_models.iterdir():
         path.write_bytes(b"not a checkpoint")
     before = fingerprint(experiments)
     code, err = run_cli(capsys, datasets, experiments, total_epochs=3)
-    assert code == 2 and f"no checkpoint in {models(experiments)} can be read" in err
+    assert code == 2 and f"no checkpoint in {paths(experiments).saved_models} can be read" in err
     for tag in ("latest", 1, 0):
-        assert f"checkpoint {checkpoint_path(models(experiments), tag)} cannot be read" in err
+        assert f"checkpoint {paths(experiments).checkpoint(tag)} cannot be read" in err
     assert fingerprint(experiments) == before
 
 
 def test_truncated_epoch_checkpoint_asked_for_is_named(capsys, datasets, experiments):
-    epoch_zero = checkpoint_path(models(experiments), 0)
+    epoch_zero = paths(experiments).checkpoint(0)
     epoch_zero.write_bytes(epoch_zero.read_bytes()[:-100])
     before = fingerprint(experiments)
     code, err = run_cli(capsys, datasets, experiments, continue_from_epoch=0, total_epochs=3)
@@ -201,6 +202,29 @@ def test_test_only_without_a_trained_model(capsys, datasets, experiments):
     code, err = run_cli(capsys, datasets, experiments, experiment_name="never_trained", evaluate_on_test_set_only=True)
     assert code == 2 and "no trained model in" in err and "train first" in err
     assert fingerprint(experiments) == before
+
+
+# ---------------------------------------------------------------------------------- one trainer per folder
+def test_a_second_trainer_on_the_same_folder_is_refused_and_changes_nothing(capsys, datasets, experiments):
+    with folder_held_by_another_process(paths(experiments).folder) as holder:
+        before = fingerprint(experiments)
+        code, err = run_cli(capsys, datasets, experiments, total_epochs=3)
+        assert code == 2 and "Traceback" not in err
+        assert err.startswith(f"error: {paths(experiments).folder} is in use by another training run (pid "
+                              f"{holder.pid} on ")
+        assert fingerprint(experiments) == before
+
+
+def test_test_only_is_refused_while_a_trainer_writes_the_checkpoints(capsys, datasets, experiments):
+    with folder_held_by_another_process(paths(experiments).folder) as holder:
+        before = fingerprint(experiments)
+        code, err = run_cli(capsys, datasets, experiments, evaluate_on_test_set_only=True)
+        assert code == 2 and f"is being trained (pid {holder.pid} on " in err
+        assert "a test-only run would read checkpoints while they are rewritten" in err
+        assert fingerprint(experiments) == before
+    # The trainer has ended (killed, even): the test runs.
+    code, err = run_cli(capsys, datasets, experiments, evaluate_on_test_set_only=True)
+    assert code == 0, err
 
 
 # ---------------------------------------------------------------------------------- non-finite losses
@@ -269,7 +293,7 @@ def test_disk_too_full_for_the_checkpoints_fails_before_training(capsys, monkeyp
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(capsys, monkeypatch, datasets, experiments):
-    latest = checkpoint_path(models(experiments), "latest")
+    latest = paths(experiments).checkpoint("latest")
     latest_bytes = latest.read_bytes()
 
     class FullDiskFile(io.FileIO):
@@ -287,7 +311,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(capsys, monkeypatc
     code, err = run_cli(capsys, datasets, experiments, total_epochs=3)
     assert code == 2 and f"error: cannot write {latest} (No space left on device); the previous version is kept" in err
     assert latest.read_bytes() == latest_bytes
-    assert not [p for p in models(experiments).iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in paths(experiments).saved_models.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()
     resumed = ExperimentBuilder(load_config(overrides=overrides(datasets, experiments, total_epochs=3)))
     resumed._resume()
@@ -352,9 +376,10 @@ def signal_after(builder: ExperimentBuilder, number: signal.Signals, calls: int,
 
 
 def final_state(experiments: Path, name: str) -> dict:
-    return load_checkpoint(checkpoint_path(experiments / name / "saved_models", "latest"))
+    return read_checkpoint(ExperimentPaths(experiments / name).latest_checkpoint)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number):
     experiments = tmp_path / "experiments"
@@ -381,6 +406,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number):
             {k: v for k, v in other.items() if k != "epoch_time_s"}
 
 
+@pytest.mark.slow
 def test_second_signal_stops_at_once_and_damages_nothing(datasets, experiments):
     before = fingerprint(experiments)
     builder = ExperimentBuilder(load_config(overrides=overrides(datasets, experiments, total_epochs=3)))
@@ -390,6 +416,7 @@ def test_second_signal_stops_at_once_and_damages_nothing(datasets, experiments):
     assert without_the_config(fingerprint(experiments)) == without_the_config(before)  # total_epochs=3 now
 
 
+@pytest.mark.slow
 def test_sigterm_kills_a_real_training_process_which_resumes_to_the_same_weights(datasets, trained, tmp_path):
     # `trained` has filled the dataset's decoding cache, which the two first processes then only read.
     def command(name):
@@ -423,5 +450,5 @@ def test_sigterm_kills_a_real_training_process_which_resumes_to_the_same_weights
     straight_state, resumed_state = final_state(tmp_path, "straight"), final_state(tmp_path, "stopped")
     for name, tensor in straight_state["network"].items():
         assert torch.equal(tensor, resumed_state["network"][name]), f"{name} differs after SIGTERM and resume"
-    assert json.loads((tmp_path / "straight" / "test_summary.json").read_text())["ensemble_test_accuracy"] == \
-        json.loads((tmp_path / "stopped" / "test_summary.json").read_text())["ensemble_test_accuracy"]
+    assert json.loads(ExperimentPaths(tmp_path / "straight").test_summary().read_text())["ensemble_test_accuracy"] == \
+        json.loads(ExperimentPaths(tmp_path / "stopped").test_summary().read_text())["ensemble_test_accuracy"]

@@ -19,12 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import command_line, tiny_overrides
+from conftest import command_line, folder_held_by_another_process, tiny_overrides
 from data import FewShotDataProvider
 from experiment_builder import ExperimentBuilder
 from utils.config import load_config
 from utils.interrupt import INTERRUPTED_EXIT_CODE
-from utils.storage import checkpoint_path, load_checkpoint
+from utils.checkpoints import read_checkpoint
+from utils.experiment_paths import ExperimentPaths
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun or rank processes
 
 REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -111,17 +114,18 @@ def test_two_ranks_train_like_one_process_with_the_doubled_meta_batch(one_proces
     overrides, stdout = two_rank_run
     assert stdout.count("epoch 1:") == 1  # only rank 0 reports
     folder = load_config(overrides=overrides).experiment_folder
+    paths = ExperimentPaths(folder)
 
-    trained = load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+    trained = read_checkpoint(paths.latest_checkpoint)
     assert trained["world_size"] == RANKS
     for name, tensor in reference_weights.items():
         torch.testing.assert_close(trained["network"][name], tensor, rtol=0, atol=1e-5, msg=name)
 
-    rows = list(csv.DictReader(open(folder / "logs" / "summary_statistics.csv")))
+    rows = list(csv.DictReader(open(paths.summary_statistics)))
     for row, reference in zip(rows, reference_rows, strict=True):
         for key in ("train_loss_mean", "train_accuracy_mean", "val_loss_mean", "val_accuracy_mean"):
             assert float(row[key]) == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
-    summary = json.loads((folder / "test_summary.json").read_text())
+    summary = json.loads(paths.test_summary().read_text())
     assert [m["epoch"] for m in summary["models"]] == [m["epoch"] for m in reference_summary["models"]]
     assert summary["num_test_tasks"] == reference_summary["num_test_tasks"]
     for key in ("ensemble_test_accuracy", "ensemble_test_confidence_95", "best_single_model_test_accuracy"):
@@ -163,7 +167,7 @@ def test_a_rank_that_dies_ends_the_run_with_a_clear_message_and_a_valid_checkpoi
     assert "error: rank 0 of 2: all-reduce of the meta-gradients failed" in survivor_errors
     assert "Another rank has probably died" in survivor_errors and "Traceback" not in survivor_errors
 
-    latest = load_checkpoint(tmp_path / "dies" / "saved_models" / "train_model_latest")
+    latest = read_checkpoint(ExperimentPaths(tmp_path / "dies").latest_checkpoint)
     assert latest["experiment"]["next_epoch"] == 1
     assert not list((tmp_path / "dies").rglob("*.tmp"))
 
@@ -188,12 +192,12 @@ def test_torchrun_with_one_process_is_the_plain_run(one_process_run, toy_dataset
     overrides = tiny_overrides(toy_datasets, experiments, experiment_name="torchrun_one",
                                batch_size=RANKS * TASKS_PER_RANK, **RUN)
     torchrun(1, "train_maml_system.py", *command_line(overrides))
-    folder = experiments / "torchrun_one"
-    trained = load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+    paths = ExperimentPaths(experiments / "torchrun_one")
+    trained = read_checkpoint(paths.latest_checkpoint)
     for name, tensor in reference_weights.items():
         assert torch.equal(trained["network"][name], tensor), name
     assert trained["experiment"]["epoch_rows"][-1]["val_loss_mean"] == reference_rows[-1]["val_loss_mean"]
-    summary = json.loads((folder / "test_summary.json").read_text())
+    summary = json.loads(paths.test_summary().read_text())
     assert summary["ensemble_test_accuracy"] == reference_summary["ensemble_test_accuracy"]
 
 
@@ -227,16 +231,33 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_iteration_and_resumes_ex
     assert [rank.returncode for rank in ranks] == [INTERRUPTED_EXIT_CODE] * RANKS, errors
     assert "rank 0: stopped by a signal to another rank after" in errors[0]
     assert "rank 1: stopped by SIGTERM after" in errors[1]
-    stopped = load_checkpoint(tmp_path / "signalled" / "saved_models" / "train_model_latest")["experiment"]
+    stopped = read_checkpoint(ExperimentPaths(tmp_path / "signalled").latest_checkpoint)["experiment"]
     done = stopped["next_epoch"] * run["total_iter_per_epoch"] + stopped["epoch_progress"]["iterations"]
     assert done < run["total_epochs"] * run["total_iter_per_epoch"]
 
     torchrun(RANKS, "train_maml_system.py", *command_line(overrides))
-    expected = load_checkpoint(tmp_path / "uninterrupted" / "saved_models" / "train_model_latest")
-    resumed = load_checkpoint(tmp_path / "signalled" / "saved_models" / "train_model_latest")
+    expected = read_checkpoint(ExperimentPaths(tmp_path / "uninterrupted").latest_checkpoint)
+    resumed = read_checkpoint(ExperimentPaths(tmp_path / "signalled").latest_checkpoint)
     for name, tensor in expected["network"].items():
         assert torch.equal(resumed["network"][name], tensor), name
     for row, reference in zip(resumed["experiment"]["epoch_rows"], expected["experiment"]["epoch_rows"],
                               strict=True):
         for key in ("train_loss_mean", "train_accuracy_mean", "val_loss_mean", "val_accuracy_mean"):
             assert row[key] == pytest.approx(reference[key], rel=1e-12), key
+
+
+def test_two_ranks_on_a_folder_another_run_trains_in_both_stop_at_once(toy_datasets, tmp_path):
+    """Rank 0 finds the folder locked; rank 1, which takes no lock, learns it from rank 0 instead of waiting
+    in the next collective for a rank that has gone."""
+    overrides = tiny_overrides(toy_datasets, tmp_path, experiment_name="busy", batch_size=TASKS_PER_RANK,
+                               distributed_timeout_s=60, **RUN)
+    with folder_held_by_another_process(tmp_path / "busy") as holder:
+        ranks = start_ranks(["train_maml_system.py"], overrides)
+        try:
+            errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+        finally:
+            for rank in ranks:
+                rank.kill()
+    assert [rank.returncode for rank in ranks] == [2, 2], errors
+    assert f"error: rank 0: {tmp_path / 'busy'} is in use by another training run (pid {holder.pid} " in errors[0]
+    assert "error: rank 1: rank 0 stopped the run: " in errors[1] and "Traceback" not in errors[1]

@@ -16,7 +16,8 @@ import data
 import experiment_builder
 from data import FewShotDataProvider, load_split
 from experiment_builder import ExperimentBuilder, mean_and_confidence
-from utils.storage import CheckpointError, checkpoint_path, load_checkpoint, saved_epochs
+from utils.checkpoints import CheckpointError, read_checkpoint
+from utils.experiment_paths import ExperimentPaths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,32 +63,33 @@ def test_experiment_files_checkpoints_and_ensemble_summary(tiny_config):
     config = tiny_config(contextual_grad=True, total_epochs=4, max_models_to_save=2)
     builder, summary = run(config)
     folder = config.experiment_folder
+    paths = ExperimentPaths(folder)
 
-    rows = list(csv.DictReader(open(folder / "logs" / "summary_statistics.csv")))
+    rows = list(csv.DictReader(open(paths.summary_statistics)))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     for key in ("train_loss_mean", "train_accuracy_std", "val_loss_std", "val_accuracy_mean", "epoch_time_s"):
         assert float(rows[0][key]) >= 0
     # Only the best max_models_to_save epochs (by validation accuracy) and the latest stay on disk.
     best = builder.best_epochs()
-    assert sorted(saved_epochs(folder / "saved_models")) == sorted(best) and len(best) == 2
-    assert checkpoint_path(folder / "saved_models", "latest").exists()
+    assert sorted(paths.saved_epochs()) == sorted(best) and len(best) == 2
+    assert paths.latest_checkpoint.exists()
     val = {int(r["epoch"]): float(r["val_accuracy_mean"]) for r in rows}
     assert min(val[e] for e in best) >= max(v for e, v in val.items() if e not in best)
-    latest = load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+    latest = read_checkpoint(paths.latest_checkpoint)
     assert set(latest) >= {"network", "optimizer", "scheduler", "rng", "experiment", "config"}
-    assert (folder / "config.yaml").exists()
+    assert paths.config.exists()
 
     # The summary files, and their numbers recomputed independently from the saved checkpoints.
-    saved = json.loads((folder / "test_summary.json").read_text())
+    saved = json.loads(paths.test_summary().read_text())
     assert saved == json.loads(json.dumps(summary))
-    assert list(csv.DictReader(open(folder / "test_summary.csv")))[0]["ensemble_test_accuracy"]
+    assert list(csv.DictReader(open(paths.test_summary(suffix=".csv"))))[0]["ensemble_test_accuracy"]
     assert [m["epoch"] for m in saved["models"]] == best
     provider = FewShotDataProvider(config, input_statistics=lambda: builder.state["normalisation"], splits=("test",))
     batches = list(provider.evaluation_batches("test", config.num_evaluation_tasks, 4))
     labels = torch.cat([b.query_labels for b in batches])
     probabilities = []
     for epoch in best:
-        builder.model.load_state_dict(load_checkpoint(checkpoint_path(folder / "saved_models", epoch))["network"])
+        builder.model.load_state_dict(read_checkpoint(paths.checkpoint(epoch))["network"])
         probabilities.append(torch.cat([builder.model.run_validation_iter(b)["probabilities"] for b in batches]))
     per_task = (torch.stack(probabilities).mean(0).argmax(-1) == labels).float().mean(1).numpy()
     accuracy, interval = mean_and_confidence(per_task)
@@ -107,7 +109,7 @@ def test_scheduler_steps_once_per_epoch_with_cosine_annealing(tiny_config):
 def test_test_only_mode_and_cross_domain(tiny_config):
     config = tiny_config(contextual_grad=True, total_epochs=2)
     _, trained = run(config)
-    summary_file = config.experiment_folder / "test_summary.json"
+    summary_file = ExperimentPaths(config.experiment_folder).test_summary()
     summary_file.unlink()
     retested = ExperimentBuilder(tiny_config(contextual_grad=True, total_epochs=2,
                                              evaluate_on_test_set_only=True)).run_experiment()
@@ -117,7 +119,7 @@ def test_test_only_mode_and_cross_domain(tiny_config):
     cross = ExperimentBuilder(tiny_config(contextual_grad=True, total_epochs=2, evaluate_on_test_set_only=True,
                                           test_dataset="toy_other")).run_experiment()
     assert cross["dataset"] == "toy_other" and cross["trained_on"] == "toy"
-    assert (config.experiment_folder / "test_summary_toy_other.json").exists()
+    assert ExperimentPaths(config.experiment_folder).test_summary("toy_other").exists()
     assert json.loads(summary_file.read_text())["dataset"] == "toy"  # the in-domain summary is kept
 
 
@@ -135,7 +137,7 @@ def test_checkpoint_keeps_input_statistics_only_when_used_and_tests_apply_the_tr
 
     def latest_checkpoint(name):
         folder = tiny_config(experiment_name=name).experiment_folder
-        return load_checkpoint(checkpoint_path(folder / "saved_models", "latest"))
+        return read_checkpoint(ExperimentPaths(folder).latest_checkpoint)
 
     run(config("raw", "none"))
     assert latest_checkpoint("raw")["experiment"]["normalisation"] is None
@@ -158,10 +160,12 @@ def test_checkpoint_keeps_input_statistics_only_when_used_and_tests_apply_the_tr
         ExperimentBuilder(config("raw", "dataset_statistics", evaluate_on_test_set_only=True)).run_experiment()
     older = {key: value for key, value in latest_checkpoint("standardised")["config"].items()
              if key != "input_normalisation"}
-    ExperimentBuilder(config("standardised", "dataset_statistics"))._check_compatible(older, Path("older"))
+    ExperimentBuilder(config("standardised", "dataset_statistics")).checkpoints.check_architecture(
+        {"config": older}, Path("older"))
     with pytest.raises(CheckpointError, match=r"input_normalisation \(checkpoint: 'dataset_statistics', now: 'none'\)"
                                               r".*these options restore it: --input_normalisation dataset_statistics"):
-        ExperimentBuilder(config("standardised", "none"))._check_compatible(older, Path("older"))
+        ExperimentBuilder(config("standardised", "none")).checkpoints.check_architecture({"config": older},
+                                                                                         Path("older"))
 
 
 def test_continue_from_a_given_epoch_and_refusals(tiny_config):
@@ -212,6 +216,7 @@ def test_batched_and_loop_training_give_the_same_run(tiny_config):
     assert batched_summary["ensemble_test_accuracy"] == pytest.approx(loop_summary["ensemble_test_accuracy"], abs=0.02)
 
 
+@pytest.mark.slow
 def test_command_line_trains_tests_and_reports_errors(toy_datasets, tmp_path):
     command = [sys.executable, "train_maml_system.py", "--name_of_args_json_file",
                "experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml",

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from utils.experiment_paths import ExperimentPaths
+
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,8 +45,8 @@ def test_preprocess_train_and_ensemble_test_on_real_omniglot(omniglot_zips, scra
                "--max_models_to_save", "2", "--show_progress", "false", "--device", "cpu"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "experiments" / "omniglot_5way_1shot_CxGrad_4conv_cpu" /
-                          "test_summary.json").read_text())
+    folder = ExperimentPaths(tmp_path / "experiments" / "omniglot_5way_1shot_CxGrad_4conv_cpu")
+    summary = json.loads(folder.test_summary().read_text())
     assert summary["dataset"] == "omniglot" and summary["num_test_tasks"] == 100
     # Chance is 20%; 120 meta-iterations of CxGrad are far above it on the 423 held-out characters.
     assert summary["ensemble_test_accuracy"] > 0.7, summary  # 86.6% when written

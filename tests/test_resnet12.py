@@ -16,7 +16,7 @@ from experiment_builder import ExperimentBuilder
 from few_shot_learning_system import MAMLFewShotClassifier
 from meta_neural_network_architectures import ResNet12
 from utils.config import load_config
-from utils.storage import CheckpointError
+from utils.checkpoints import CheckpointError
 
 WAYS, SHOTS, QUERIES, SIZE, CHANNELS = 3, 2, 2, 16, 3
 WIDTHS = [4, 4, 4, 4]

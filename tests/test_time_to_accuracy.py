@@ -8,7 +8,8 @@ import yaml
 
 from benchmarks import time_to_accuracy
 from conftest import command_line, tiny_overrides
-from utils.summarize_results import SUMMARY_FILE, read_epoch_rows
+from utils.experiment_paths import ExperimentPaths
+from utils.summarize_results import read_epoch_rows
 
 
 def test_thresholds_are_crossed_at_the_first_epoch_that_reaches_them():
@@ -61,7 +62,7 @@ def test_a_tiny_run_prints_epochs_thresholds_and_the_test(toy_datasets, tmp_path
             assert all(line["event"] != "epoch" for line in lines[position:])
 
     test = lines[-1]
-    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    summary = json.loads(ExperimentPaths(folder).test_summary().read_text())
     assert test["event"] == "test" and [line["event"] for line in lines].count("test") == 1
     for key in ("ensemble_test_accuracy", "ensemble_test_confidence_95", "best_single_model_test_accuracy",
                 "best_single_model_test_confidence_95", "best_single_model_epoch", "num_test_tasks"):
@@ -77,7 +78,7 @@ def test_refusals_speak_before_anything_trains(toy_datasets, tmp_path, capsys):
     experiments = tmp_path / "experiments"
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(tiny_overrides(toy_datasets, experiments)))
-    (experiments / "tiny" / "logs").mkdir(parents=True)
+    ExperimentPaths(experiments / "tiny").logs.mkdir(parents=True)
     assert time_to_accuracy.main([str(config_file)]) == 2
     assert "already holds an experiment" in capsys.readouterr().err
 

@@ -26,11 +26,21 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type or value, or contradicts another key."""
 
 
-def _key(help_text: str, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None):
-    return {"help": help_text, "choices": choices, "minimum": minimum, "maximum": maximum}
+_UNSET = object()
+
+
+def _key(help_text: str, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None,
+         architecture: bool = False, before_key_existed: Any = _UNSET):
+    return {"help": help_text, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "architecture": architecture, "before_key_existed": before_key_existed}
 
 
 def _field(default, help_text: str, **limits):
+    """A config key. `architecture=True` marks a key that decides the shape or the meaning of the saved
+    parameters (or of the optimizer's state): a checkpoint trained with another value cannot be loaded
+    (utils/checkpoints.py checks it; tests/test_checkpoints.py checks that no such key is left unmarked).
+    Checkpoints written before an architecture key existed count as trained with its default, unless
+    `before_key_existed` says what they were trained with (a default that changed the network later)."""
     if isinstance(default, list):  # a mutable default: each config gets its own copy
         return field(default_factory=lambda: list(default), metadata=_key(help_text, **limits))
     return field(default=default, metadata=_key(help_text, **limits))
@@ -60,10 +70,10 @@ class ExperimentConfig:
     dataset_name: str = _field("synthetic_glyphs", "dataset to train on (a folder under datasets_dir)")
     dataset_path: Optional[str] = _field(None, "dataset folder relative to datasets_dir (default: dataset_name)")
     datasets_dir: str = _field("datasets", "root of the preprocessed datasets (env DATASET_DIR overrides)")
-    image_height: int = _field(28, "image height fed to the network", minimum=4)
-    image_width: int = _field(28, "image width fed to the network", minimum=4)
-    image_channels: int = _field(1, "1 (grey) or 3 (RGB)", choices=(1, 3))
-    num_classes_per_set: int = _field(5, "N: ways per task", minimum=2)
+    image_height: int = _field(28, "image height fed to the network", minimum=4, architecture=True)
+    image_width: int = _field(28, "image width fed to the network", minimum=4, architecture=True)
+    image_channels: int = _field(1, "1 (grey) or 3 (RGB)", choices=(1, 3), architecture=True)
+    num_classes_per_set: int = _field(5, "N: ways per task", minimum=2, architecture=True)
     num_samples_per_class: int = _field(1, "K: support images per class (shots)", minimum=1)
     num_target_samples: int = _field(15, "query images per class", minimum=1)
     batch_size: int = _field(4, "tasks per meta-batch (per rank under torchrun)", minimum=1)
@@ -73,7 +83,10 @@ class ExperimentConfig:
     input_normalisation: str = _field(
         "none", "input pixel scaling: none feeds raw [0, 1] values (the official CxGrad input); "
         "dataset_statistics standardises each channel with the training split's mean and std, which the "
-        "checkpoint keeps for the test", choices=("none", "dataset_statistics"))
+        "checkpoint keeps for the test", choices=("none", "dataset_statistics"), architecture=True,
+        # weights trained on raw [0, 1] pixels mean something else on standardised ones; checkpoints written
+        # before the key existed were trained on standardised pixels
+        before_key_existed="dataset_statistics")
     load_into_memory: bool = _field(True, "keep decoded images in memory (off: memory-mapped cache)")
     num_dataprovider_workers: int = _field(0, "background threads preparing task batches", minimum=0)
     test_dataset: Optional[str] = _field(None, "dataset whose test split the ensemble test uses (cross-domain)")
@@ -94,34 +107,46 @@ class ExperimentConfig:
     # --- backbone -------------------------------------------------------------------------
     backbone: str = _field(
         "4-CONV", "the backbone architecture: 4-CONV, or resnet12 (four residual blocks of three conv3x3 -> BN, "
-        "a conv1x1 -> BN shortcut, 2x2 max-pool; global average pooling)", choices=("4-CONV", "resnet12"))
-    cnn_num_filters: int = _field(48, "filters of every conv layer (4-CONV)", minimum=1)
-    num_stages: int = _field(4, "conv blocks (conv3x3 -> BN -> activation -> max-pool) (4-CONV)", minimum=1)
+        "a conv1x1 -> BN shortcut, 2x2 max-pool; global average pooling)", choices=("4-CONV", "resnet12"),
+        architecture=True)
+    cnn_num_filters: int = _field(48, "filters of every conv layer (4-CONV)", minimum=1, architecture=True)
+    num_stages: int = _field(4, "conv blocks (conv3x3 -> BN -> activation -> max-pool) (4-CONV)", minimum=1,
+                             architecture=True)
     resnet_widths: list[int] = _field(
-        [64, 160, 320, 640], "filters of the four residual blocks (resnet12); on the command line 64,160,320,640")
+        [64, 160, 320, 640], "filters of the four residual blocks (resnet12); on the command line 64,160,320,640",
+        architecture=True)
     activation: str = _field(
         "leaky_relu", "activation after each BatchNorm: leaky_relu (see leaky_relu_slope) or relu",
-        choices=("leaky_relu", "relu"))
+        choices=("leaky_relu", "relu"), architecture=True,
+        before_key_existed="relu")  # checkpoints written before `activation` existed were trained with ReLU
     leaky_relu_slope: Optional[float] = _field(
         None, "negative slope of leaky_relu (default: the backbone's published one: 4-CONV 0.01 as in the "
-        "official CxGrad/MAML++ forward pass, resnet12 0.1 as in MetaOptNet and ALFA)", minimum=0.0)
-    cnn_blocks_per_stage: int = _field(1, "conv layers per stage (only 1 is supported)", choices=(1,))
-    conv_padding: bool = _field(True, "pad 3x3 convolutions by 1 (resnet12 always pads)")
-    max_pooling: bool = _field(True, "2x2 max-pool after every block (off: stride-2 convolutions; resnet12 always pools)")
-    use_bias: bool = _field(False, "bias on conv layers (BatchNorm makes it redundant)")
-    norm_layer: str = _field("batch_norm", "normalisation after each conv", choices=("batch_norm",))
-    per_step_bn_statistics: bool = _field(False, "separate BatchNorm scale/shift per inner step (MAML++ BNWB)")
-    learnable_bn_gamma: bool = _field(True, "meta-learn the BatchNorm scale")
-    learnable_bn_beta: bool = _field(True, "meta-learn the BatchNorm shift")
-    enable_inner_loop_optimizable_bn_params: bool = _field(False, "adapt BatchNorm scale/shift in the inner loop")
+        "official CxGrad/MAML++ forward pass, resnet12 0.1 as in MetaOptNet and ALFA)", minimum=0.0,
+        architecture=True)
+    cnn_blocks_per_stage: int = _field(1, "conv layers per stage (only 1 is supported)", choices=(1,),
+                                       architecture=True)
+    conv_padding: bool = _field(True, "pad 3x3 convolutions by 1 (resnet12 always pads)", architecture=True)
+    max_pooling: bool = _field(
+        True, "2x2 max-pool after every block (off: stride-2 convolutions; resnet12 always pools)",
+        architecture=True)
+    use_bias: bool = _field(False, "bias on conv layers (BatchNorm makes it redundant)", architecture=True)
+    norm_layer: str = _field("batch_norm", "normalisation after each conv", choices=("batch_norm",),
+                             architecture=True)
+    per_step_bn_statistics: bool = _field(False, "separate BatchNorm scale/shift per inner step (MAML++ BNWB)",
+                                          architecture=True)
+    learnable_bn_gamma: bool = _field(True, "meta-learn the BatchNorm scale", architecture=True)
+    learnable_bn_beta: bool = _field(True, "meta-learn the BatchNorm shift", architecture=True)
+    enable_inner_loop_optimizable_bn_params: bool = _field(False, "adapt BatchNorm scale/shift in the inner loop",
+                                                           architecture=True)
     dropout_rate_value: float = _field(0.0, "dropout is not used by these methods; must be 0", minimum=0.0, maximum=0.0)
 
     # --- inner loop -----------------------------------------------------------------------
-    number_of_training_steps_per_iter: int = _field(5, "inner steps during training", minimum=1)
+    number_of_training_steps_per_iter: int = _field(5, "inner steps during training", minimum=1,
+                                                    architecture=True)
     number_of_evaluation_steps_per_iter: int = _field(5, "inner steps at validation and test", minimum=1)
     init_inner_loop_learning_rate: float = _field(0.01, "alpha: the inner-loop learning rate", minimum=0.0)
     learnable_per_layer_per_step_inner_loop_learning_rate: bool = _field(
-        False, "MAML++ LSLR: meta-learn one inner rate per layer and step")
+        False, "MAML++ LSLR: meta-learn one inner rate per layer and step", architecture=True)
 
     # --- outer loop -----------------------------------------------------------------------
     meta_learning_rate: float = _field(0.001, "Adam learning rate of the outer loop", minimum=0.0)
@@ -133,8 +158,10 @@ class ExperimentConfig:
     multi_step_loss_num_epochs: int = _field(15, "epochs over which MSL anneals to the last step", minimum=1)
 
     # --- CxGrad ---------------------------------------------------------------------------
-    contextual_grad: bool = _field(False, "CxGrad: contextual gradient scaling of the backbone")
-    num_context_params: int = _field(100, "P: size of the per-task context vector", minimum=1)
+    contextual_grad: bool = _field(False, "CxGrad: contextual gradient scaling of the backbone",
+                                   architecture=True)
+    num_context_params: int = _field(100, "P: size of the per-task context vector", minimum=1,
+                                     architecture=True)
     context_params_learning_rate: float = _field(1.0, "beta: inner learning rate of the context", minimum=0.0)
 
     # --- analysis -------------------------------------------------------------------------
@@ -197,6 +224,15 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 _HINTS = get_type_hints(ExperimentConfig)
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+# The keys marked `architecture=True` above, in the order of the config.
+ARCHITECTURE_KEYS = tuple(name for name, spec in FIELDS.items() if spec.metadata["architecture"])
+
+
+def architecture_value_before_key_existed(key: str) -> Any:
+    """What a checkpoint whose config lacks architecture key `key` (written before it existed) was trained with."""
+    spec = FIELDS[key]
+    before = spec.metadata["before_key_existed"]
+    return default_of(spec) if before is _UNSET else before
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

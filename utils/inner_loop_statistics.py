@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.storage import CheckpointError, write_csv
+from utils.checkpoints import CheckpointError
+from utils.storage import write_csv
 
-STATISTICS_FILE = "inner_loop_statistics.csv"
 COLUMNS = ("epoch", "step", "quantity", "parameter", "mean", "std")
 
 

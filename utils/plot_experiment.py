@@ -33,8 +33,10 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils.inner_loop_statistics import STATISTICS_FILE, read_statistics  # noqa: E402
-from utils.storage import CheckpointError, atomic_write_bytes  # noqa: E402
+from utils.checkpoints import CheckpointError  # noqa: E402
+from utils.experiment_paths import ExperimentPaths  # noqa: E402
+from utils.inner_loop_statistics import read_statistics  # noqa: E402
+from utils.storage import atomic_write_bytes  # noqa: E402
 from utils.summarize_results import method_name, read_epoch_rows, read_experiment_config  # noqa: E402
 
 PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
@@ -62,15 +64,16 @@ class Experiment:
 def load_experiment(folder: Path) -> Experiment:
     if not folder.is_dir():
         raise PlotError(f"no experiment folder {folder}")
+    paths = ExperimentPaths(folder)
     try:
         epoch_rows = read_epoch_rows(folder)
     except ValueError as error:
-        raise PlotError(f"{folder}/logs/summary_statistics.csv cannot be read ({error})") from None
+        raise PlotError(f"{paths.summary_statistics} cannot be read ({error})") from None
     if not epoch_rows:
-        raise PlotError(f"{folder} has no logs/summary_statistics.csv: no epoch of it has finished yet "
-                        f"(train it with python train_maml_system.py --name_of_args_json_file CONFIG)")
+        raise PlotError(f"{folder} has no {paths.summary_statistics.relative_to(folder)}: no epoch of it has "
+                        f"finished yet (train it with python train_maml_system.py --name_of_args_json_file CONFIG)")
     config = read_experiment_config(folder)
-    statistics_path = folder / "logs" / STATISTICS_FILE
+    statistics_path = paths.inner_loop_statistics
     inner_loop_rows = read_statistics(statistics_path) if statistics_path.is_file() else None
     return Experiment(folder, method_name(config) if config is not None else "unknown", epoch_rows, inner_loop_rows)
 
@@ -242,14 +245,15 @@ def plot_experiments(folders: list[Path], out: Optional[Path] = None) -> list[Pa
     PlotError only when an experiment cannot be plotted at all (no folder, no finished epoch).
     """
     experiments = [load_experiment(folder) for folder in folders]
-    out = out or experiments[0].folder / "plots"
+    out = out or ExperimentPaths(experiments[0].folder).plots
     written = [plot_learning_curves(experiments, out / "learning_curves.png")]
     recorded = [e for e in experiments if e.inner_loop_rows]  # an empty log (no epoch yet) has nothing to draw
     unrecorded = [str(e.folder) for e in experiments if not e.inner_loop_rows]
     if unrecorded:
         figures = ", ".join(INNER_LOOP_FIGURES)
+        statistics_name = ExperimentPaths(Path()).inner_loop_statistics
         _skipped(figures if not recorded else f"{', '.join(unrecorded)} in {figures}",
-                 f"no inner-loop statistics (logs/{STATISTICS_FILE}) in {', '.join(unrecorded)}: they are recorded "
+                 f"no inner-loop statistics ({statistics_name}) in {', '.join(unrecorded)}: they are recorded "
                  f"only with log_inner_loop_statistics on; train with --log_inner_loop_statistics true (a resumed "
                  f"run records from its next epoch on)")
     if recorded:

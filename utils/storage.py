@@ -1,4 +1,4 @@
-"""Files of an experiment: checkpoints, statistics CSV and summaries, all written atomically.
+"""Writing files safely: atomically (checkpoints, CSV, JSON, text), a probe of free space, an exclusive lock.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a crash
 or a full disk mid-write leaves the previous version intact, never a truncated one.
@@ -10,19 +10,10 @@ import fcntl
 import io
 import json
 import os
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
-
-import torch
-
-CHECKPOINT_PREFIX = "train_model_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not belong to this experiment."""
 
 
 class StorageError(RuntimeError):
@@ -62,43 +53,6 @@ def probe_writable(folder: Path, needed_bytes: int = 0) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_checkpoint(state: dict[str, Any], *paths: Path) -> None:
-    """Serialise `state` once and write it, atomically, to each of `paths`."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    for path in paths:
-        atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with `weights_only=True`: a checkpoint from elsewhere can never run code."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated, foreign or not a torch file at all
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from None
-
-
-def checkpoint_path(models_folder: Path, tag: int | str) -> Path:
-    return models_folder / f"{CHECKPOINT_PREFIX}{tag}"
-
-
-def resume_candidates(models_folder: Path) -> list[Path]:
-    """The checkpoints to resume from, best first: `train_model_latest`, then the epochs newest first."""
-    latest = checkpoint_path(models_folder, "latest")
-    epochs = [checkpoint_path(models_folder, epoch) for epoch in reversed(saved_epochs(models_folder))]
-    return ([latest] if latest.exists() else []) + epochs
-
-
-def saved_epochs(models_folder: Path) -> list[int]:
-    """Epoch numbers of the `train_model_{epoch}` files in `models_folder`, ascending."""
-    if not models_folder.is_dir():
-        return []
-    pattern = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-    return sorted(int(m.group(1)) for p in models_folder.iterdir() if (m := pattern.match(p.name)))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -29,9 +29,10 @@ if __package__ in (None, ""):  # run as `python utils/summarize_results.py`: mak
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import ConfigError, ExperimentConfig, read_config_file
+from utils.experiment_paths import ExperimentPaths
 from utils.storage import atomic_write_text, write_csv
 
-SUMMARY_FILE = "test_summary.json"
+SUMMARY_FILE = ExperimentPaths.test_summary_name()  # test_summary.json: an experiment that has finished
 # Any of these on makes a run MAML++ rather than MAML (CxGrad wins over both).
 MAML_PLUS_PLUS_KEYS = ("use_multi_step_loss_optimization", "learnable_per_layer_per_step_inner_loop_learning_rate",
                        "per_step_bn_statistics")
@@ -65,7 +66,7 @@ def method_name(config: dict[str, Any]) -> str:
 def read_experiment_config(folder: Path) -> Optional[dict[str, Any]]:
     """The experiment's resolved `config.yaml`, or None when it is missing or unreadable."""
     try:
-        return read_config_file(folder / "config.yaml")
+        return read_config_file(ExperimentPaths(folder).config)
     except (ConfigError, OSError):
         return None
 
@@ -80,7 +81,7 @@ def replicate_identity(config: dict[str, Any]) -> tuple[str, tuple]:
 
 def read_epoch_rows(folder: Path) -> list[dict[str, float]]:
     """`logs/summary_statistics.csv` as floats; [] when the experiment has none."""
-    path = folder / "logs" / "summary_statistics.csv"
+    path = ExperimentPaths(folder).summary_statistics
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
@@ -100,7 +101,7 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 def experiment_result(folder: Path) -> dict[str, Any]:
     """One row of the table; raises ValueError/KeyError/OSError when the summary cannot be read."""
-    summary = read_summary(folder / SUMMARY_FILE)
+    summary = read_summary(ExperimentPaths(folder).test_summary())
     config = read_experiment_config(folder)
     epochs = read_epoch_rows(folder)
     # A run without a readable config is a group of its own.
@@ -114,7 +115,7 @@ def experiment_result(folder: Path) -> dict[str, Any]:
            "epochs": len(epochs), "wall_time_s": sum(row["epoch_time_s"] for row in epochs),
            "seed": seeds[0] if seeds else "", "cross_domain": {},
            "_replicate": (experiment, seeds)}  # popped by group_over_seeds
-    for path in sorted(folder.glob("test_summary_*.json")):
+    for path in ExperimentPaths(folder).cross_domain_summaries():
         cross = read_summary(path)
         row["cross_domain"][cross["dataset"]] = (cross["ensemble_test_accuracy"], cross["ensemble_test_confidence_95"])
     return row
