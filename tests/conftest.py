@@ -16,11 +16,37 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from data import TaskBatch
+from few_shot_learning_system import MAMLFewShotClassifier
+from utils.backend import configure_backend
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_system(*, ways: int, shots: int, queries: int, size: int, channels: int = 1,
+                dtype: torch.dtype = torch.float32, **overrides) -> MAMLFewShotClassifier:
+    """A tiny meta-learner on the CPU, initialised from seed 0, set up as the entry points set it up."""
+    config = load_config(overrides=dict(
+        image_height=size, image_width=size, image_channels=channels, num_classes_per_set=ways,
+        num_samples_per_class=shots, num_target_samples=queries, device="cpu", **overrides))
+    configure_backend(config, torch.device("cpu"))
+    torch.manual_seed(0)
+    return MAMLFewShotClassifier(config, torch.device("cpu")).to(dtype)
+
+
+def random_tasks(num_tasks: int, *, ways: int, shots: int, queries: int, size: int, channels: int = 1,
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> TaskBatch:
+    """Noise images with class-sorted labels: support then query drawn from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(ways)
+    support = torch.randn(num_tasks, ways * shots, channels, size, size, generator=generator, dtype=dtype)
+    query = torch.randn(num_tasks, ways * queries, channels, size, size, generator=generator, dtype=dtype)
+    return TaskBatch(support, labels.repeat_interleave(shots).repeat(num_tasks, 1),
+                     query, labels.repeat_interleave(queries).repeat(num_tasks, 1))
 
 
 def make_toy_dataset(root: Path, name: str = "toy", classes=(12, 6, 6), per_class: int = 8, size: int = 16,

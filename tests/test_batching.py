@@ -9,10 +9,8 @@ import pytest
 import torch
 
 import few_shot_learning_system
-from data import TaskBatch
-from utils.backend import configure_backend
+from conftest import random_tasks, tiny_system
 from few_shot_learning_system import MAMLFewShotClassifier
-from utils.config import load_config
 
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 12
 METHODS = {
@@ -24,23 +22,13 @@ METHODS = {
 
 
 def make_system(**overrides) -> MAMLFewShotClassifier:
-    config = load_config(overrides=dict(
-        image_height=SIZE, image_width=SIZE, image_channels=1, num_classes_per_set=WAYS,
-        num_samples_per_class=SHOTS, num_target_samples=QUERIES, cnn_num_filters=6, num_stages=3,
-        number_of_training_steps_per_iter=3, number_of_evaluation_steps_per_iter=3, batch_size=3,
-        init_inner_loop_learning_rate=0.2, device="cpu", **overrides))
-    configure_backend(config, torch.device("cpu"))  # as the entry points do
-    torch.manual_seed(0)
-    return MAMLFewShotClassifier(config, torch.device("cpu"))
+    return tiny_system(ways=WAYS, shots=SHOTS, queries=QUERIES, size=SIZE, **{
+        "cnn_num_filters": 6, "num_stages": 3, "number_of_training_steps_per_iter": 3,
+        "number_of_evaluation_steps_per_iter": 3, "batch_size": 3, "init_inner_loop_learning_rate": 0.2, **overrides})
 
 
 def make_tasks(num_tasks: int = 3) -> TaskBatch:
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(WAYS)
-    return TaskBatch(torch.randn(num_tasks, WAYS * SHOTS, 1, SIZE, SIZE, generator=generator),
-                     labels.repeat_interleave(SHOTS).repeat(num_tasks, 1),
-                     torch.randn(num_tasks, WAYS * QUERIES, 1, SIZE, SIZE, generator=generator),
-                     labels.repeat_interleave(QUERIES).repeat(num_tasks, 1))
+    return random_tasks(num_tasks, ways=WAYS, shots=SHOTS, queries=QUERIES, size=SIZE, seed=1)
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

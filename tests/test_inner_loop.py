@@ -13,30 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import random_tasks, tiny_system
 from data import TaskBatch
 from few_shot_learning_system import MAMLFewShotClassifier, multi_step_loss_weights
-from utils.config import load_config
 
 WAYS, SHOTS, QUERIES, SIZE, FILTERS, STAGES = 3, 2, 2, 8, 4, 2
 
 
 def make_system(**overrides) -> MAMLFewShotClassifier:
-    config = load_config(overrides=dict(
-        image_height=SIZE, image_width=SIZE, image_channels=1, num_classes_per_set=WAYS,
-        num_samples_per_class=SHOTS, num_target_samples=QUERIES, cnn_num_filters=FILTERS, num_stages=STAGES,
-        number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2, batch_size=2,
-        init_inner_loop_learning_rate=0.3, num_context_params=6, device="cpu", **overrides))
-    torch.manual_seed(0)
-    return MAMLFewShotClassifier(config, torch.device("cpu")).double()
+    return tiny_system(ways=WAYS, shots=SHOTS, queries=QUERIES, size=SIZE, dtype=torch.float64, **{
+        "cnn_num_filters": FILTERS, "num_stages": STAGES, "number_of_training_steps_per_iter": 2,
+        "number_of_evaluation_steps_per_iter": 2, "batch_size": 2, "init_inner_loop_learning_rate": 0.3,
+        "num_context_params": 6, **overrides})
 
 
 def make_tasks(num_tasks: int = 2, seed: int = 0) -> TaskBatch:
-    generator = torch.Generator().manual_seed(seed)
-    support = torch.randn(num_tasks, WAYS * SHOTS, 1, SIZE, SIZE, generator=generator, dtype=torch.float64)
-    query = torch.randn(num_tasks, WAYS * QUERIES, 1, SIZE, SIZE, generator=generator, dtype=torch.float64)
-    labels = torch.arange(WAYS)
-    return TaskBatch(support, labels.repeat_interleave(SHOTS).repeat(num_tasks, 1),
-                     query, labels.repeat_interleave(QUERIES).repeat(num_tasks, 1))
+    return random_tasks(num_tasks, ways=WAYS, shots=SHOTS, queries=QUERIES, size=SIZE, seed=seed, dtype=torch.float64)
 
 
 def reference_network(activation: str = "leaky_relu") -> nn.Sequential:

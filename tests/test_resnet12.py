@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from conftest import random_tasks, tiny_system
 from data import TaskBatch
 from experiment_builder import ExperimentBuilder
 from few_shot_learning_system import MAMLFewShotClassifier
 from meta_neural_network_architectures import ResNet12
-from utils.config import load_config
 from utils.checkpoints import CheckpointError
 
 WAYS, SHOTS, QUERIES, SIZE, CHANNELS = 3, 2, 2, 16, 3
@@ -32,23 +32,15 @@ CONV_WEIGHTS = [f"block{b}.{unit}.conv.weight" for b in range(4)
 
 
 def make_system(**overrides) -> MAMLFewShotClassifier:
-    config = load_config(overrides=dict(
-        backbone="resnet12", resnet_widths=WIDTHS, image_height=SIZE, image_width=SIZE, image_channels=CHANNELS,
-        num_classes_per_set=WAYS, num_samples_per_class=SHOTS, num_target_samples=QUERIES, batch_size=3,
-        number_of_training_steps_per_iter=2, number_of_evaluation_steps_per_iter=2,
-        init_inner_loop_learning_rate=0.3, device="cpu", **overrides))
-    torch.manual_seed(0)
-    return MAMLFewShotClassifier(config, torch.device("cpu")).double()
+    return tiny_system(ways=WAYS, shots=SHOTS, queries=QUERIES, size=SIZE, channels=CHANNELS, dtype=torch.float64,
+                       **{"backbone": "resnet12", "resnet_widths": WIDTHS, "batch_size": 3,
+                          "number_of_training_steps_per_iter": 2, "number_of_evaluation_steps_per_iter": 2,
+                          "init_inner_loop_learning_rate": 0.3, **overrides})
 
 
 def make_tasks(num_tasks: int = 3, size: int = SIZE) -> TaskBatch:
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(WAYS)
-    return TaskBatch(
-        torch.randn(num_tasks, WAYS * SHOTS, CHANNELS, size, size, generator=generator, dtype=torch.float64),
-        labels.repeat_interleave(SHOTS).repeat(num_tasks, 1),
-        torch.randn(num_tasks, WAYS * QUERIES, CHANNELS, size, size, generator=generator, dtype=torch.float64),
-        labels.repeat_interleave(QUERIES).repeat(num_tasks, 1))
+    return random_tasks(num_tasks, ways=WAYS, shots=SHOTS, queries=QUERIES, size=size, channels=CHANNELS, seed=1,
+                        dtype=torch.float64)
 
 
 class ReferenceBlock(nn.Module):
