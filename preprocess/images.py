@@ -6,9 +6,10 @@ written at the dataset's size and colour mode. Files already in the target forma
 mode, and a JPEG or PNG with a matching suffix) are copied byte for byte instead: that is
 lossless and keeps an 84x84 JPEG at a few kB instead of a PNG several times larger. Every
 other image is brought to the format by the dataset's `Resize` recipe and written as PNG under
-its original stem. Two recipes exist: the official CxGrad loader's (Pillow BICUBIC, resize then
-convert the colour mode), used by the ImageNet-style datasets and by data.py for a cross-domain
-test set; and convert-then-LANCZOS, which Omniglot keeps from MAML++.
+its original stem. Two recipes exist (utils/dataset_format.py, since data.py resizes with them
+too): the official CxGrad loader's (Pillow BICUBIC, resize then convert the colour mode), used by
+the ImageNet-style datasets, imported folders and data.py for a cross-domain test set; and
+convert-then-LANCZOS, which Omniglot keeps from MAML++.
 
 Bad files: archives from the internet sometimes hold a truncated JPEG or a stray
 `notes.txt` among the images. By default such a file stops the build with an error
@@ -26,51 +27,8 @@ from pathlib import Path
 from PIL import Image
 
 from preprocess.archives import PreprocessError
-
-# Suffixes of the files `_convert_class` writes, which are the ones counted as images in the manifest (the
-# loader, data.IMAGE_SUFFIXES, also reads formats a hand-made dataset folder may hold).
-OUTPUT_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-# A file is copied unchanged only if its suffix names its real format, so the training code
-# (which selects files by suffix) reads every output file.
-_COPYABLE_SUFFIXES = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg")}
-# What Pillow raises for unreadable, truncated or absurdly large files, and IsADirectoryError
-# (an OSError) for a folder where an image should be.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class Resize:
-    """How an image of another size and colour mode is brought to the target ones, without cropping.
-
-    `filter` names a Pillow resampling filter; `convert_first` converts the colour mode before
-    resizing instead of after. The order matters beyond rounding: Pillow resizes palette ('P')
-    and bilevel ('1') images with NEAREST whatever the filter, and RGBA with premultiplied alpha.
-    """
-
-    filter: str
-    convert_first: bool
-
-    def __call__(self, image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
-        """`image` at `size` (width, height) in `mode`; an image already that size is only converted."""
-        if self.convert_first:
-            image = image.convert(mode)
-        if image.size != size:
-            image = image.resize(size, Image.Resampling[self.filter])
-        return image if self.convert_first else image.convert(mode)
-
-    def describe(self, size: tuple[int, int], mode: str) -> str:
-        """The recipe in words, as the manifest records it (a changed recipe rebuilds the dataset)."""
-        resize = f"Pillow {self.filter} resize to {size[0]}x{size[1]}"
-        convert = f"convert('{mode}')"
-        return f"{convert}, then {resize}" if self.convert_first else f"{resize}, then {convert}"
-
-
-# The official CxGrad loader: `Image.open(path).resize((H, W)).convert('RGB')` with Pillow's default
-# filter, BICUBIC. The ImageNet-style datasets are built with it and data.py resizes a cross-domain
-# test set with it, so both see the pixels the official code sees.
-CXGRAD_RESIZE = Resize("BICUBIC", convert_first=False)
-# MAML++'s Omniglot preprocessing (greyscale, then LANCZOS), which Omniglot keeps.
-CONVERT_THEN_LANCZOS = Resize("LANCZOS", convert_first=True)
+from utils.dataset_format import (CONVERT_THEN_LANCZOS, DECODE_ERRORS, MANIFEST_NAME, WRITTEN_SUFFIXES_BY_FORMAT,
+                                  Resize)
 
 
 @dataclass(frozen=True)
@@ -106,7 +64,7 @@ class BadImages:
             raise PreprocessError(
                 f"{self.dataset}: {member} (in {archives}) is not a readable image ({reason}). "
                 f"Fetch the archive again if it is damaged, or run with --skip-bad-images "
-                f"(skip_bad_images=True) to leave such files out; they are then listed in manifest.json")
+                f"(skip_bad_images=True) to leave such files out; they are then listed in {MANIFEST_NAME}")
         print(f"{self.dataset}: skipping {member}: not a readable image ({reason})", flush=True)
         self.skipped.append({"path": member, "reason": reason})
 
@@ -121,7 +79,7 @@ def _decode(path: Path, image_format: ImageFormat) -> Image.Image | None:
     with Image.open(path) as image:
         image.load()
         if (image.size == size and image.mode == image_format.mode
-                and path.suffix.lower() in _COPYABLE_SUFFIXES.get(image.format or "", ())):
+                and path.suffix.lower() in WRITTEN_SUFFIXES_BY_FORMAT.get(image.format or "", ())):
             return None
         return image_format.resize(image, size, image_format.mode)
 

@@ -1,21 +1,9 @@
 """Build few-shot datasets into the folder layout the training code reads.
 
-Layout: `DEST/NAME/{train,val,test}/CLASS/IMAGE` plus `DEST/NAME/manifest.json`. Images are
-PNG, except JPEGs copied unchanged from an archive because they already had the dataset's
-size and mode (preprocess/images.py):
+Layout and manifest: utils/dataset_format.py, the one definition of the format that the
+training code reads as well.
 
-    {
-      "format_version": 1,
-      "dataset": "omniglot",
-      "image_size": [28, 28, 1],                      # [H, W, C]
-      "splits": {"train": {"classes": 1150, "images": 23000}, ...},
-      "sources": {"images_background.zip": {"sha256": "...", "size_bytes": 8382694}, ...},
-      "settings": {...},                              # seed for generated data, split rule, ...
-      "skipped_images": [{"path": "...", "reason": "..."}],  # unreadable files left out (--skip-bad-images)
-      "built_at": "2025-01-01T12:00:00+00:00"
-    }
-
-A dataset folder counts as built only if manifest.json exists. Builds go into a hidden
+A dataset folder counts as built only if its manifest exists. Builds go into a hidden
 sibling `DEST/.NAME.partial-<pid>` that is moved into place with `os.replace` once the
 manifest is written, so an interrupted run never leaves a folder that looks complete;
 leftover partial folders are deleted on the next run. A file lock (`DEST/.NAME.lock`)
@@ -42,7 +30,6 @@ Command line (from the repository root):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -60,15 +47,12 @@ if __name__ == "__main__":
 
 from preprocess import imagenet_style, omniglot, synthetic_glyphs  # noqa: E402
 from preprocess.archives import PreprocessError, sha256_file  # noqa: E402
-from preprocess.images import OUTPUT_SUFFIXES  # noqa: E402
+from utils.dataset_format import (FORMAT_VERSION, MANIFEST_NAME, DatasetError, manifest_image_size,  # noqa: E402
+                                  read_manifest, write_manifest)
 from utils.storage import exclusive_lock  # noqa: E402
 
-__all__ = ["DATASET_RECIPES", "FORMAT_VERSION", "MANIFEST_NAME", "PreprocessError", "SPLITS", "check_dataset_names",
-           "main", "prepare_dataset", "read_manifest"]
+__all__ = ["DATASET_RECIPES", "PreprocessError", "check_dataset_names", "main", "prepare_dataset"]
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SPLITS = imagenet_style.SPLITS
 NO_DOWNLOAD_ENV_VAR = "FSL_NO_DOWNLOAD"
 
 
@@ -84,7 +68,7 @@ class DatasetRecipe:
     as unreadable images ({"path", "reason"} each; see preprocess/images.py).
     """
 
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]  # (C, H, W)
     settings: dict[str, Any]
     locate_sources: Callable[[], dict[str, Path]]
     write_splits: Callable[[dict[str, Path], Path], list[dict[str, str]]]
@@ -156,14 +140,6 @@ def check_dataset_names(names: list[str]) -> None:
                               f"valid names: {', '.join(DATASET_RECIPES)}")
 
 
-def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest of a built dataset folder, or None if the folder is not a complete build."""
-    try:
-        return json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def downloads_disabled_by_env() -> bool:
     return os.environ.get(NO_DOWNLOAD_ENV_VAR, "").strip() not in ("", "0")
 
@@ -171,16 +147,6 @@ def downloads_disabled_by_env() -> bool:
 def _source_fingerprints(sources: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return {name: {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
             for name, path in sorted(sources.items())}
-
-
-def _count_splits(dataset_dir: Path) -> dict[str, dict[str, int]]:
-    counts = {}
-    for split in SPLITS:
-        class_dirs = [entry for entry in (dataset_dir / split).iterdir() if entry.is_dir()]
-        images = sum(1 for class_dir in class_dirs for entry in class_dir.iterdir()
-                     if entry.suffix.lower() in OUTPUT_SUFFIXES)
-        counts[split] = {"classes": len(class_dirs), "images": images}
-    return counts
 
 
 def _differences_from_recipe(manifest: dict[str, Any], name: str, recipe: DatasetRecipe) -> list[str]:
@@ -191,7 +157,8 @@ def _differences_from_recipe(manifest: dict[str, Any], name: str, recipe: Datase
     settings_as_json = json.loads(json.dumps(recipe.settings))  # tuples -> lists, like the stored copy
     stored = manifest.get("settings")
     stored = stored if isinstance(stored, dict) else {}
-    expected = {"format_version": FORMAT_VERSION, "dataset": name, "image_size": list(recipe.image_shape)}
+    expected = {"format_version": FORMAT_VERSION, "dataset": name,
+                "image_size": manifest_image_size(recipe.image_shape)}
     return ([key for key, value in expected.items() if manifest.get(key) != value]
             + [key for key in sorted(settings_as_json.keys() | stored.keys())
                if stored.get(key) != settings_as_json.get(key)])
@@ -242,7 +209,10 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
             print(f"{name}: removing leftover {leftover}", flush=True)
             _remove(leftover)
 
-        manifest = read_manifest(dataset_dir)
+        try:
+            manifest = read_manifest(dataset_dir, name)
+        except DatasetError:  # not built, or a damaged manifest: build
+            manifest = None
         sources: dict[str, Path] | None = None
         if force:
             reason = "rebuild forced"
@@ -270,18 +240,8 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
         partial_dir.mkdir()
         try:
             skipped_images = recipe.write_splits(sources, partial_dir)
-            splits = _count_splits(partial_dir)
-            new_manifest = {
-                "format_version": FORMAT_VERSION,
-                "dataset": name,
-                "image_size": list(recipe.image_shape),
-                "splits": splits,
-                "sources": fingerprints,
-                "settings": recipe.settings,
-                "skipped_images": skipped_images,
-                "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
-            (partial_dir / MANIFEST_NAME).write_text(json.dumps(new_manifest, indent=2) + "\n")
+            new_manifest = write_manifest(partial_dir, name, recipe.image_shape, fingerprints, recipe.settings,
+                                          skipped_images)
             if dataset_dir.exists() or dataset_dir.is_symlink():
                 # Move the old build aside first: os.replace cannot overwrite a non-empty folder.
                 old_dir = dest_dir / f".{name}.old-{os.getpid()}"
@@ -294,7 +254,8 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
             _remove(partial_dir)
             raise
 
-    summary = ", ".join(f"{split} {c['classes']} classes / {c['images']} images" for split, c in splits.items())
+    summary = ", ".join(f"{split} {c['classes']} classes / {c['images']} images"
+                        for split, c in new_manifest["splits"].items())
     print(f"{name}: built in {time.perf_counter() - started:.1f}s: {summary}{_skipped_note(new_manifest)}",
           flush=True)
     return dataset_dir
@@ -302,7 +263,7 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Build few-shot datasets into DEST/NAME/{train,val,test}/CLASS/IMAGE + manifest.json.",
+        description=f"Build few-shot datasets into DEST/NAME/{{train,val,test}}/CLASS/IMAGE + {MANIFEST_NAME}.",
         epilog=f"Without --source, archives are looked for in DEST/NAME_raw/. "
                f"Environment: {omniglot.ZIPS_ENV_VAR}=DIR is searched for the Omniglot zips; "
                f"{NO_DOWNLOAD_ENV_VAR}=1 disables downloads; archives are extracted under TMPDIR (default /tmp), "
@@ -314,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     parser.add_argument("--seed", type=int, default=0, help="seed for generated datasets (default: 0)")
     parser.add_argument("--skip-bad-images", action="store_true",
-                        help="leave out files in class folders that are not readable images (listed in "
-                             "manifest.json) instead of stopping with an error")
+                        help=f"leave out files in class folders that are not readable images (listed in "
+                             f"{MANIFEST_NAME}) instead of stopping with an error")
     parser.add_argument("--omniglot-split", choices=tuple(omniglot.SPLIT_RULES), default=omniglot.DEFAULT_SPLIT,
                         help="Omniglot's class split: maml++ (MAML++'s seeded shuffle, the default) or sorted "
                              "(background + first evaluation characters train, sorted by alphabet)")
