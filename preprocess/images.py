@@ -46,7 +46,8 @@ class BadImages:
     """Applies the bad-file rule for one build and collects what was skipped.
 
     `extract_root` is the folder the archives were extracted into, so that paths relative
-    to it are the member paths the user sees when listing the archive.
+    to it are the member paths the user sees when listing the archive (for an imported folder:
+    the folder itself, and `archives` is that folder). `remedy` is what to do about a damaged file.
     """
 
     dataset: str
@@ -54,16 +55,20 @@ class BadImages:
     archives: list[Path]
     skip: bool
     skipped: list[dict[str, str]] = field(default_factory=list)
+    remedy: str = "Fetch the archive again if it is damaged"
+
+    @property
+    def sources(self) -> str:
+        return ", ".join(str(archive) for archive in self.archives)
 
     def handle(self, path: Path, error: BaseException) -> None:
         member = path.relative_to(self.extract_root).as_posix()
         # Pillow names the file in its message; the temporary extraction path means nothing later.
         reason = f"{type(error).__name__}: {error}".replace(str(path), member)
         if not self.skip:
-            archives = ", ".join(str(archive) for archive in self.archives)
             raise PreprocessError(
-                f"{self.dataset}: {member} (in {archives}) is not a readable image ({reason}). "
-                f"Fetch the archive again if it is damaged, or run with --skip-bad-images "
+                f"{self.dataset}: {member} (in {self.sources}) is not a readable image ({reason}). "
+                f"{self.remedy}, or run with --skip-bad-images "
                 f"(skip_bad_images=True) to leave such files out; they are then listed in {MANIFEST_NAME}")
         print(f"{self.dataset}: skipping {member}: not a readable image ({reason})", flush=True)
         self.skipped.append({"path": member, "reason": reason})
@@ -84,11 +89,11 @@ def _decode(path: Path, image_format: ImageFormat) -> Image.Image | None:
         return image_format.resize(image, size, image_format.mode)
 
 
-def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat, bad_images: BadImages) -> int:
-    """Write every image of one class folder into `target_dir`; returns the number written."""
+def _convert_class(files: list[Path], target_dir: Path, image_format: ImageFormat, bad_images: BadImages) -> int:
+    """Write the images `files` of one class into `target_dir`; returns the number written."""
     target_dir.mkdir(parents=True)
     written = 0
-    for path in sorted(source_dir.iterdir()):
+    for path in files:
         try:
             converted = _decode(path, image_format)
         except DECODE_ERRORS as error:
@@ -98,8 +103,8 @@ def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat
         target = target_dir / (path.name if converted is None else f"{path.stem}.png")
         if target.exists():
             raise PreprocessError(
-                f"{bad_images.dataset}: two files of {source_dir.relative_to(bad_images.extract_root).as_posix()} "
-                f"would both be written as {target.name}; rename one of them in the archive")
+                f"{bad_images.dataset}: two files of {path.parent.relative_to(bad_images.extract_root).as_posix()} "
+                f"would both be written as {target.name}; rename one of them in {bad_images.sources}")
         if converted is None:
             shutil.copyfile(path, target)
         else:
@@ -109,10 +114,16 @@ def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat
 
 
 def convert_classes(jobs: list[tuple[Path, Path]], image_format: ImageFormat, bad_images: BadImages) -> None:
-    """Convert (source class folder, target class folder) pairs, printing five progress lines."""
+    """Convert (source class folder, target class folder) pairs: every file of each source folder."""
+    convert_files([(sorted(source_dir.iterdir()), target_dir) for source_dir, target_dir in jobs],
+                  image_format, bad_images)
+
+
+def convert_files(jobs: list[tuple[list[Path], Path]], image_format: ImageFormat, bad_images: BadImages) -> None:
+    """Convert (files of one class, target class folder) pairs, printing five progress lines."""
     report_every = max(1, -(-len(jobs) // 5))
     images = 0
-    for done, (source_dir, target_dir) in enumerate(jobs, start=1):
-        images += _convert_class(source_dir, target_dir, image_format, bad_images)
+    for done, (files, target_dir) in enumerate(jobs, start=1):
+        images += _convert_class(files, target_dir, image_format, bad_images)
         if done % report_every == 0 or done == len(jobs):
             print(f"{bad_images.dataset}: converted {done}/{len(jobs)} classes ({images} images)", flush=True)
