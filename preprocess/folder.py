@@ -43,8 +43,8 @@ from PIL import Image
 
 from preprocess.archives import PreprocessError, sha256_file
 from preprocess.images import BadImages, ImageFormat, convert_files
-from utils.dataset_format import (CXGRAD_RESIZE, DECODE_ERRORS, MANIFEST_NAME, SPLITS, WRITTEN_IMAGE_SUFFIXES,
-                                  image_shape_from_manifest, preprocess_command)
+from utils.dataset_format import (CXGRAD_RESIZE, DECODE_ERRORS, MANIFEST_NAME, SPLITS, image_shape_from_manifest,
+                                  is_written_image, preprocess_command)
 
 DEFAULT_SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
 DEFAULT_MIN_IMAGES_PER_CLASS = 2  # one support + one query image: the fewest any task draws from a class
@@ -324,7 +324,7 @@ def write_splits(plan: FolderImport, out_dir: Path, skip_bad_images: bool) -> li
 
 
 def _written_images(class_dir: Path) -> list[Path]:
-    return [path for path in class_dir.iterdir() if path.suffix.lower() in WRITTEN_IMAGE_SUFFIXES]
+    return [path for path in class_dir.iterdir() if is_written_image(path.name)]
 
 
 def rebuild_hint(name: str, dest: Path, manifest: dict[str, Any]) -> str | None:

@@ -68,6 +68,11 @@ def is_readable_image(file_name: str) -> bool:
     return os.path.splitext(file_name)[1].lower() in READABLE_IMAGE_SUFFIXES
 
 
+def is_written_image(file_name: str) -> bool:
+    """Whether this file of a built class folder is one of the images the builder wrote (as the manifest counts)."""
+    return os.path.splitext(file_name)[1].lower() in WRITTEN_IMAGE_SUFFIXES
+
+
 def manifest_image_size(image_shape: tuple[int, int, int]) -> list[int]:
     """The manifest's "image_size" [H, W, C] for a shape (C, H, W)."""
     channels, height, width = image_shape
@@ -163,8 +168,7 @@ def count_split_contents(folder: Path) -> dict[str, dict[str, int]]:
     counts = {}
     for split in SPLITS:
         class_dirs = [entry for entry in (folder / split).iterdir() if entry.is_dir()]
-        images = sum(1 for class_dir in class_dirs for entry in class_dir.iterdir()
-                     if entry.suffix.lower() in WRITTEN_IMAGE_SUFFIXES)
+        images = sum(1 for class_dir in class_dirs for entry in class_dir.iterdir() if is_written_image(entry.name))
         counts[split] = {"classes": len(class_dirs), "images": images}
     return counts
 
