@@ -24,19 +24,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from preprocess.images import CXGRAD_RESIZE, DECODE_ERRORS
+from utils.dataset_format import (CXGRAD_RESIZE, DECODE_ERRORS, MANIFEST_NAME, SPLIT_CODES, SPLITS, DatasetError,
+                                  is_readable_image, preprocess_command, read_manifest, split_folder)
 from utils.storage import atomic_write_text, exclusive_lock
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 # 2: the index holds the split's channel statistics; 3: and the files it was decoded from;
 # 4: other sizes resized BICUBIC, then converted (as the official loader)
 CACHE_VERSION = 4
 Statistics = tuple[np.ndarray, np.ndarray]  # per-channel (mean, std) of pixels in [0, 1]
-
-
-class DatasetError(ValueError):
-    """A dataset is missing, malformed or too small for the requested tasks."""
 
 
 @dataclass
@@ -81,25 +76,6 @@ class ImageSplit:
         return self.images[start:start + self.class_counts[class_index]]
 
 
-def require_dataset(folder: Path, name: str) -> dict:
-    """The dataset's manifest; a clear error with the fixing command when it is not built."""
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise DatasetError(
-            f"dataset '{name}' is not built: {manifest} does not exist. Build it with:\n"
-            f"  python preprocess/preprocess.py --datasets {name} --dest {folder.parent}")
-    try:
-        content = json.loads(manifest.read_text())
-        problem = None if isinstance(content, dict) else f"it holds a JSON {type(content).__name__}, not an object"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        problem = str(error)
-    if problem:
-        raise DatasetError(
-            f"dataset '{name}': {manifest} is damaged ({problem}); rebuild the dataset: delete {folder}, then "
-            f"python preprocess/preprocess.py --datasets {name} --dest {folder.parent}")
-    return content
-
-
 @dataclass
 class SplitFiles:
     """The image files of one split as they are on disk now: what its cache is decoded from and keyed to."""
@@ -122,8 +98,7 @@ def scan_split(split_folder: Path) -> SplitFiles:
     file_names, stats = [], {}
     for class_name in class_names:
         with os.scandir(split_folder / class_name) as entries:
-            images = sorted((entry for entry in entries
-                             if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES), key=lambda entry: entry.name)
+            images = sorted((entry for entry in entries if is_readable_image(entry.name)), key=lambda entry: entry.name)
         for entry in images:
             status = entry.stat()
             stats[f"{class_name}/{entry.name}"] = [status.st_size, status.st_mtime_ns]
@@ -146,7 +121,7 @@ def _stale_cache_reason(index: dict, manifest_text: str, files: SplitFiles) -> O
     if index.get("version") != CACHE_VERSION:
         return f"its cache has format {index.get('version')}, this version of data.py writes {CACHE_VERSION}"
     if index.get("manifest") != manifest_text:
-        return "the dataset was rebuilt (its manifest.json changed)"
+        return f"the dataset was rebuilt (its {MANIFEST_NAME} changed)"
     recorded = index.get("files")
     if recorded != files.stats:
         return describe_file_changes(recorded if isinstance(recorded, dict) else {}, files.stats)
@@ -193,15 +168,12 @@ def load_split(folder: Path, split: str, shape: tuple[int, int, int], in_memory:
     again (with a warning saying what changed) and never used stale; a damaged cache is decoded again,
     and an interrupted decode leaves nothing that looks complete.
     """
-    manifest_text = (folder / "manifest.json").read_text()
-    split_folder = folder / split
-    if not split_folder.is_dir():
-        raise DatasetError(f"dataset folder {folder} has no '{split}' split ({split_folder} is missing)")
+    manifest_text = (folder / MANIFEST_NAME).read_text()
+    files = scan_split(split_folder(folder, split))
     channels, height, width = shape
     cache_dir = folder / ".cache"
     stem = f"{split}_{height}x{width}x{channels}"
     array_path, index_path = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
-    files = scan_split(split_folder)
     cached = _load_cache(array_path, index_path, manifest_text, files, shape, in_memory)
     if cached is not None:
         return cached
@@ -262,8 +234,8 @@ def _decode_into_cache(folder: Path, files: SplitFiles, shape: tuple[int, int, i
                     images[position] = _decode(path, shape)
                 except DECODE_ERRORS as error:
                     raise DatasetError(
-                        f"cannot read image {path}: {error}. Rebuild the dataset with: python "
-                        f"preprocess/preprocess.py --datasets {folder.name} --dest {folder.parent} --force") from None
+                        f"cannot read image {path}: {error}. Rebuild the dataset with: "
+                        f"{preprocess_command(folder.name, folder.parent, '--force')}") from None
                 position += 1
         images.flush()
         mean, std = channel_statistics(ImageSplit(images, class_names, starts, counts))
@@ -405,12 +377,12 @@ class FewShotDataProvider:
 
     def __init__(self, config, dataset_folder: Optional[Path] = None, dataset_name: Optional[str] = None,
                  input_statistics: Optional[Callable[[], Statistics]] = None,
-                 splits: tuple[str, ...] = ("train", "val", "test"), first_train_task: int = 0):
+                 splits: tuple[str, ...] = SPLITS, first_train_task: int = 0):
         self.config = config
         self.first_train_task = first_train_task
         self.folder = Path(dataset_folder or config.dataset_folder)
         self.name = dataset_name or config.dataset_name
-        self.manifest = require_dataset(self.folder, self.name)
+        self.manifest = read_manifest(self.folder, self.name)
         self.pin_memory = torch.cuda.is_available() and config.device != "cpu"
         self.splits = {name: load_split(self.folder, name, config.image_shape, config.load_into_memory)
                        for name in splits}

@@ -14,15 +14,15 @@ from __future__ import annotations
 import os
 import sys
 
-from data import DatasetError
 from experiment_builder import ExperimentBuilder
 from utils import distributed
 from utils.backend import configure_backend, resolve_device
+from utils.checkpoints import CheckpointError
 from utils.config import ConfigError, parse_command_line
+from utils.dataset_format import DatasetError
+from utils.experiment_paths import ExperimentPaths
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
-from utils.checkpoints import CheckpointError
-from utils.experiment_paths import ExperimentPaths
 from utils.storage import StorageError
 from utils.trainer_lock import ExperimentBusyError
 

@@ -51,12 +51,13 @@ REPO = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))  # run as a script, sys.path[0] is benchmarks/
 
-from data import DatasetError, FewShotDataProvider  # noqa: E402
+from data import FewShotDataProvider  # noqa: E402
 from few_shot_learning_system import MAMLFewShotClassifier  # noqa: E402
 from utils.backend import configure_backend, resolve_device  # noqa: E402
 from preprocess.omniglot import SOURCE_ZIPS, ZIPS_ENV_VAR  # noqa: E402
 from preprocess.preprocess import PreprocessError, prepare_dataset  # noqa: E402
 from utils.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
+from utils.dataset_format import MANIFEST_NAME, SPLITS, DatasetError, read_manifest, write_manifest  # noqa: E402
 
 SETTINGS = {
     "omniglot": REPO / "experiment_config" / "omniglot_5way_1shot" / "CxGrad_4conv_cpu.yaml",
@@ -77,8 +78,7 @@ def make_imagenet_shaped(root: Path, images_per_class: int, classes: tuple[int, 
     """
     rng = np.random.default_rng(seed)
     folder = root / IMAGENET_SHAPED
-    counts = {}
-    for split, count in zip(("train", "val", "test"), classes):
+    for split, count in zip(SPLITS, classes):
         for index in range(count):
             class_folder = folder / split / f"n{split}{index:05d}"
             class_folder.mkdir(parents=True)
@@ -88,11 +88,8 @@ def make_imagenet_shaped(root: Path, images_per_class: int, classes: tuple[int, 
             for sample in range(images_per_class):
                 noisy = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(noisy).save(class_folder / f"{sample:04d}.jpg", quality=90)
-        counts[split] = {"classes": count, "images": count * images_per_class}
-    manifest = {"dataset": IMAGENET_SHAPED, "image_size": [size, size, 3], "splits": counts, "sources": {},
-                "settings": {"generator": "benchmarks/bench_data.py", "seed": seed,
-                             "images_per_class": images_per_class}}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    settings = {"generator": "benchmarks/bench_data.py", "seed": seed, "images_per_class": images_per_class}
+    write_manifest(folder, IMAGENET_SHAPED, (3, size, size), sources={}, settings=settings, skipped_images=[])
     return folder
 
 
@@ -100,8 +97,8 @@ def omniglot_dataset(work: Path, zips: Optional[Path], datasets_dir: Optional[Pa
     """Omniglot in `work`: copied from an existing build in `datasets_dir`, else built from the zips."""
     if datasets_dir is not None:
         built = datasets_dir / "omniglot"
-        if not (built / "manifest.json").is_file():
-            raise DatasetError(f"--datasets-dir {datasets_dir} holds no built Omniglot ({built / 'manifest.json'} "
+        if not (built / MANIFEST_NAME).is_file():
+            raise DatasetError(f"--datasets-dir {datasets_dir} holds no built Omniglot ({built / MANIFEST_NAME} "
                                f"is missing); build it with: python preprocess/preprocess.py --datasets omniglot "
                                f"--dest {datasets_dir}, or pass --omniglot-zips DIR instead")
         # A copy without the cache, so that the cold start is measured without touching the user's folder.
@@ -165,7 +162,7 @@ def measure(name: str, config: ExperimentConfig, config_label: str, workers: lis
                   for count in sorted({*workers, configured})}
     train_seconds = training_iteration_seconds(config, iterations, warmup)
     median = statistics.median(train_seconds)
-    manifest = json.loads((config.dataset_folder / "manifest.json").read_text())
+    manifest = read_manifest(config.dataset_folder, config.dataset_name)
     return {
         "setting": name, "config": config_label,
         "dataset_images": {split: counts["images"] for split, counts in manifest["splits"].items()},

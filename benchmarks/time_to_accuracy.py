@@ -37,8 +37,9 @@ if __package__ in (None, ""):  # run as `python benchmarks/time_to_accuracy.py`:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_maml_system
-from data import SPLIT_CODES, DatasetError, load_split, require_dataset
+from data import load_split
 from utils.config import ConfigError, ExperimentConfig, parse_command_line
+from utils.dataset_format import SPLITS, DatasetError, read_manifest
 from utils.experiment_paths import ExperimentPaths
 from utils.summarize_results import read_epoch_rows, read_summary
 
@@ -71,8 +72,8 @@ def check_timeable(config: ExperimentConfig, thresholds: Iterable[float]) -> Non
 def decode_into_cache(config: ExperimentConfig) -> None:
     """Decode every split at the config's image size into data.py's cache, if not done yet: preprocessing,
     which the timing leaves out (memory-mapped, so a split already cached costs next to nothing)."""
-    require_dataset(config.dataset_folder, config.dataset_name)
-    for split in SPLIT_CODES:
+    read_manifest(config.dataset_folder, config.dataset_name)
+    for split in SPLITS:
         load_split(config.dataset_folder, split, config.image_shape, in_memory=False)
 
 

@@ -17,7 +17,7 @@ differ only in the archive's name and layout, the split rule and the image size:
 
 Output images are 84x84 RGB (32x32 RGB for CIFAR-FS), made as the official CxGrad loader
 makes them at load time: a Pillow BICUBIC resize to the square size without cropping, then
-`convert('RGB')` (preprocess.images.CXGRAD_RESIZE); an image already that size is only
+`convert('RGB')` (utils.dataset_format.CXGRAD_RESIZE); an image already that size is only
 converted. Source images of any size are accepted. The recipe is recorded in the manifest's
 "settings", so a build made with another one (before: convert, then LANCZOS) is rebuilt. See
 preprocess/images.py for which files are copied unchanged and for the rule on files that are
@@ -45,9 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from preprocess.archives import PreprocessError, safe_extract
-from preprocess.images import CXGRAD_RESIZE, BadImages, ImageFormat, convert_classes
-
-SPLITS = ("train", "val", "test")
+from preprocess.images import BadImages, ImageFormat, convert_classes
+from utils.dataset_format import CXGRAD_RESIZE, SPLITS
 
 ClassFolders = dict[str, dict[str, Path]]  # split -> {class name: extracted class folder}
 
@@ -74,7 +73,8 @@ class ArchiveDataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (self.image_size, self.image_size, 3)
+        """(C, H, W), as every shape in code (utils/dataset_format.py)."""
+        return (3, self.image_size, self.image_size)
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -6,9 +6,10 @@ written at the dataset's size and colour mode. Files already in the target forma
 mode, and a JPEG or PNG with a matching suffix) are copied byte for byte instead: that is
 lossless and keeps an 84x84 JPEG at a few kB instead of a PNG several times larger. Every
 other image is brought to the format by the dataset's `Resize` recipe and written as PNG under
-its original stem. Two recipes exist: the official CxGrad loader's (Pillow BICUBIC, resize then
-convert the colour mode), used by the ImageNet-style datasets and by data.py for a cross-domain
-test set; and convert-then-LANCZOS, which Omniglot keeps from MAML++.
+its original stem. Two recipes exist (utils/dataset_format.py, since data.py resizes with them
+too): the official CxGrad loader's (Pillow BICUBIC, resize then convert the colour mode), used by
+the ImageNet-style datasets, imported folders and data.py for a cross-domain test set; and
+convert-then-LANCZOS, which Omniglot keeps from MAML++.
 
 Bad files: archives from the internet sometimes hold a truncated JPEG or a stray
 `notes.txt` among the images. By default such a file stops the build with an error
@@ -26,51 +27,8 @@ from pathlib import Path
 from PIL import Image
 
 from preprocess.archives import PreprocessError
-
-# Suffixes of the files `_convert_class` writes, which are the ones counted as images in the manifest (the
-# loader, data.IMAGE_SUFFIXES, also reads formats a hand-made dataset folder may hold).
-OUTPUT_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-# A file is copied unchanged only if its suffix names its real format, so the training code
-# (which selects files by suffix) reads every output file.
-_COPYABLE_SUFFIXES = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg")}
-# What Pillow raises for unreadable, truncated or absurdly large files, and IsADirectoryError
-# (an OSError) for a folder where an image should be.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class Resize:
-    """How an image of another size and colour mode is brought to the target ones, without cropping.
-
-    `filter` names a Pillow resampling filter; `convert_first` converts the colour mode before
-    resizing instead of after. The order matters beyond rounding: Pillow resizes palette ('P')
-    and bilevel ('1') images with NEAREST whatever the filter, and RGBA with premultiplied alpha.
-    """
-
-    filter: str
-    convert_first: bool
-
-    def __call__(self, image: Image.Image, size: tuple[int, int], mode: str) -> Image.Image:
-        """`image` at `size` (width, height) in `mode`; an image already that size is only converted."""
-        if self.convert_first:
-            image = image.convert(mode)
-        if image.size != size:
-            image = image.resize(size, Image.Resampling[self.filter])
-        return image if self.convert_first else image.convert(mode)
-
-    def describe(self, size: tuple[int, int], mode: str) -> str:
-        """The recipe in words, as the manifest records it (a changed recipe rebuilds the dataset)."""
-        resize = f"Pillow {self.filter} resize to {size[0]}x{size[1]}"
-        convert = f"convert('{mode}')"
-        return f"{convert}, then {resize}" if self.convert_first else f"{resize}, then {convert}"
-
-
-# The official CxGrad loader: `Image.open(path).resize((H, W)).convert('RGB')` with Pillow's default
-# filter, BICUBIC. The ImageNet-style datasets are built with it and data.py resizes a cross-domain
-# test set with it, so both see the pixels the official code sees.
-CXGRAD_RESIZE = Resize("BICUBIC", convert_first=False)
-# MAML++'s Omniglot preprocessing (greyscale, then LANCZOS), which Omniglot keeps.
-CONVERT_THEN_LANCZOS = Resize("LANCZOS", convert_first=True)
+from utils.dataset_format import (CONVERT_THEN_LANCZOS, DECODE_ERRORS, MANIFEST_NAME, WRITTEN_SUFFIXES_BY_FORMAT,
+                                  Resize)
 
 
 @dataclass(frozen=True)
@@ -88,7 +46,8 @@ class BadImages:
     """Applies the bad-file rule for one build and collects what was skipped.
 
     `extract_root` is the folder the archives were extracted into, so that paths relative
-    to it are the member paths the user sees when listing the archive.
+    to it are the member paths the user sees when listing the archive (for an imported folder:
+    the folder itself, and `archives` is that folder). `remedy` is what to do about a damaged file.
     """
 
     dataset: str
@@ -96,17 +55,21 @@ class BadImages:
     archives: list[Path]
     skip: bool
     skipped: list[dict[str, str]] = field(default_factory=list)
+    remedy: str = "Fetch the archive again if it is damaged"
+
+    @property
+    def sources(self) -> str:
+        return ", ".join(str(archive) for archive in self.archives)
 
     def handle(self, path: Path, error: BaseException) -> None:
         member = path.relative_to(self.extract_root).as_posix()
         # Pillow names the file in its message; the temporary extraction path means nothing later.
         reason = f"{type(error).__name__}: {error}".replace(str(path), member)
         if not self.skip:
-            archives = ", ".join(str(archive) for archive in self.archives)
             raise PreprocessError(
-                f"{self.dataset}: {member} (in {archives}) is not a readable image ({reason}). "
-                f"Fetch the archive again if it is damaged, or run with --skip-bad-images "
-                f"(skip_bad_images=True) to leave such files out; they are then listed in manifest.json")
+                f"{self.dataset}: {member} (in {self.sources}) is not a readable image ({reason}). "
+                f"{self.remedy}, or run with --skip-bad-images "
+                f"(skip_bad_images=True) to leave such files out; they are then listed in {MANIFEST_NAME}")
         print(f"{self.dataset}: skipping {member}: not a readable image ({reason})", flush=True)
         self.skipped.append({"path": member, "reason": reason})
 
@@ -121,16 +84,16 @@ def _decode(path: Path, image_format: ImageFormat) -> Image.Image | None:
     with Image.open(path) as image:
         image.load()
         if (image.size == size and image.mode == image_format.mode
-                and path.suffix.lower() in _COPYABLE_SUFFIXES.get(image.format or "", ())):
+                and path.suffix.lower() in WRITTEN_SUFFIXES_BY_FORMAT.get(image.format or "", ())):
             return None
         return image_format.resize(image, size, image_format.mode)
 
 
-def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat, bad_images: BadImages) -> int:
-    """Write every image of one class folder into `target_dir`; returns the number written."""
+def _convert_class(files: list[Path], target_dir: Path, image_format: ImageFormat, bad_images: BadImages) -> int:
+    """Write the images `files` of one class into `target_dir`; returns the number written."""
     target_dir.mkdir(parents=True)
     written = 0
-    for path in sorted(source_dir.iterdir()):
+    for path in files:
         try:
             converted = _decode(path, image_format)
         except DECODE_ERRORS as error:
@@ -140,8 +103,8 @@ def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat
         target = target_dir / (path.name if converted is None else f"{path.stem}.png")
         if target.exists():
             raise PreprocessError(
-                f"{bad_images.dataset}: two files of {source_dir.relative_to(bad_images.extract_root).as_posix()} "
-                f"would both be written as {target.name}; rename one of them in the archive")
+                f"{bad_images.dataset}: two files of {path.parent.relative_to(bad_images.extract_root).as_posix()} "
+                f"would both be written as {target.name}; rename one of them in {bad_images.sources}")
         if converted is None:
             shutil.copyfile(path, target)
         else:
@@ -151,10 +114,16 @@ def _convert_class(source_dir: Path, target_dir: Path, image_format: ImageFormat
 
 
 def convert_classes(jobs: list[tuple[Path, Path]], image_format: ImageFormat, bad_images: BadImages) -> None:
-    """Convert (source class folder, target class folder) pairs, printing five progress lines."""
+    """Convert (source class folder, target class folder) pairs: every file of each source folder."""
+    convert_files([(sorted(source_dir.iterdir()), target_dir) for source_dir, target_dir in jobs],
+                  image_format, bad_images)
+
+
+def convert_files(jobs: list[tuple[list[Path], Path]], image_format: ImageFormat, bad_images: BadImages) -> None:
+    """Convert (files of one class, target class folder) pairs, printing five progress lines."""
     report_every = max(1, -(-len(jobs) // 5))
     images = 0
-    for done, (source_dir, target_dir) in enumerate(jobs, start=1):
-        images += _convert_class(source_dir, target_dir, image_format, bad_images)
+    for done, (files, target_dir) in enumerate(jobs, start=1):
+        images += _convert_class(files, target_dir, image_format, bad_images)
         if done % report_every == 0 or done == len(jobs):
             print(f"{bad_images.dataset}: converted {done}/{len(jobs)} classes ({images} images)", flush=True)

@@ -23,6 +23,7 @@ from data import TaskBatch
 from few_shot_learning_system import MAMLFewShotClassifier
 from utils.backend import configure_backend
 from utils.config import load_config
+from utils.dataset_format import MANIFEST_NAME, SPLITS, manifest_image_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def make_toy_dataset(root: Path, name: str = "toy", classes=(12, 6, 6), per_clas
     """Classes are random blob prototypes with pixel noise: learnable in a few iterations."""
     rng = np.random.default_rng(seed)
     folder = root / name
-    for split, count in zip(("train", "val", "test"), classes):
+    for split, count in zip(SPLITS, classes):
         for index in range(count):
             class_folder = folder / split / f"{split}_class{index:03d}"
             class_folder.mkdir(parents=True)
@@ -64,7 +65,9 @@ def make_toy_dataset(root: Path, name: str = "toy", classes=(12, 6, 6), per_clas
                 pixels = (noisy * 255).astype(np.uint8)
                 image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
                 image.save(class_folder / f"{sample:02d}.png")
-    (folder / "manifest.json").write_text(json.dumps({"name": name, "image_size": [size, size, channels]}))
+    # A hand-made manifest: only what utils/preflight.py checks.
+    manifest = {"name": name, "image_size": manifest_image_size((channels, size, size))}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     return folder
 
 

@@ -31,6 +31,7 @@ from experiment_builder import ExperimentBuilder
 from preprocess.archives import PreprocessError, safe_extract
 from train_maml_system import main
 from utils.config import ConfigError, load_config
+from utils.dataset_format import MANIFEST_NAME
 from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
 from utils.checkpoints import read_checkpoint
@@ -57,7 +58,7 @@ def datasets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_input_datasets")
     make_toy_dataset(root, "toy", seed=0)
     make_toy_dataset(root, "toy_rgb", channels=3, seed=2)
-    (make_toy_dataset(root, "toy_damaged", seed=3) / "manifest.json").write_text('{"name": "toy_dam')
+    (make_toy_dataset(root, "toy_damaged", seed=3) / MANIFEST_NAME).write_text('{"name": "toy_dam')
     shutil.rmtree(make_toy_dataset(root, "toy_no_val", seed=4) / "val")
     return root
 

@@ -9,11 +9,12 @@ from PIL import Image
 from benchmarks.bench_data import main, make_imagenet_shaped, measure, table, too_slow
 from conftest import tiny_overrides
 from utils.config import load_config
+from utils.dataset_format import MANIFEST_NAME
 
 
 def test_measures_a_setting_and_reports_it(tmp_path):
     folder = make_imagenet_shaped(tmp_path, images_per_class=4, classes=(6, 5, 5), size=16)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
     assert manifest["image_size"] == [16, 16, 3] and manifest["splits"]["train"] == {"classes": 6, "images": 24}
     with Image.open(next((folder / "val").glob("*/*.jpg"))) as image:
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (16, 16))

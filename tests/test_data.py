@@ -1,6 +1,7 @@
 """The task pipeline (data.py): the decode cache, task structure, seeded streams, normalisation, cross-domain."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from PIL import Image
 
 import data
 from conftest import make_toy_dataset
-from data import DatasetError, FewShotDataProvider, ImageSplit, InputScaling, TaskSampler, load_split
+from data import FewShotDataProvider, ImageSplit, InputScaling, TaskSampler, load_split
+from utils.dataset_format import MANIFEST_NAME, DatasetError
 
 
 def batches_equal(first: list[data.TaskBatch], second: list[data.TaskBatch]) -> bool:
@@ -58,8 +60,8 @@ def test_split_is_decoded_once_into_a_cache_and_then_reused(tmp_path, monkeypatc
     assert decoded == [] and isinstance(mapped.images, np.memmap)  # load_into_memory false: memory-mapped
     np.testing.assert_array_equal(mapped.images, split.images)
 
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps({**manifest, "built_at": "later"}))  # a rebuilt dataset
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).write_text(json.dumps({**manifest, "built_at": "later"}))  # a rebuilt dataset
     with pytest.warns(UserWarning, match=r"split 'train': the dataset was rebuilt \(its manifest.json changed\)"):
         load_split(folder, "train", (1, 16, 16))
     assert len(decoded) == 12
@@ -229,3 +231,24 @@ def test_dataset_statistics_of_the_training_split_are_used_for_training_and_eval
     assert pixel_values(batch, mean, std) == {0.0, 255.0}
     other_mean, other_std = data.channel_statistics(load_split(toy_datasets / "toy_other", "train", (1, 16, 16)))
     assert pixel_values(batch, other_mean, other_std) != {0.0, 255.0}
+
+
+def test_loader_and_builder_share_only_the_dataset_format_module():
+    """data.py reads what preprocess/ writes through utils/dataset_format.py alone: no import runs from
+    data.py into the builder, and utils/ (which data.py and preprocess/ both use) imports no top-level module."""
+    root = Path(__file__).resolve().parent.parent
+    top_level = {path.stem for path in root.glob("*.py")} | {"preprocess", "benchmarks", "tests"}
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module)
+        return {name.split(".")[0] for name in names}
+
+    assert "preprocess" not in imported(root / "data.py")
+    assert "utils" in imported(root / "data.py") and "utils" in imported(root / "preprocess" / "preprocess.py")
+    upward = {path.name: imported(path) & top_level for path in sorted((root / "utils").glob("*.py"))}
+    assert {name: modules for name, modules in upward.items() if modules} == {}

@@ -31,7 +31,8 @@ from PIL import Image
 from conftest import write_archive
 from preprocess import omniglot, synthetic_glyphs
 from preprocess.archives import PreprocessError, safe_extract, sha256_file
-from preprocess.preprocess import DATASET_RECIPES, FORMAT_VERSION, SPLITS, prepare_dataset, read_manifest
+from preprocess.preprocess import DATASET_RECIPES, prepare_dataset
+from utils.dataset_format import FORMAT_VERSION, MANIFEST_NAME, SPLITS, DatasetError, read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SYNTHETIC_CLASSES = {"train": 300, "val": 60, "test": 100}
@@ -111,7 +112,7 @@ def test_synthetic_counts_and_image_format(synthetic_dataset: Path) -> None:
 
 
 def test_synthetic_manifest(synthetic_dataset: Path) -> None:
-    manifest = json.loads((synthetic_dataset / "manifest.json").read_text())
+    manifest = json.loads((synthetic_dataset / MANIFEST_NAME).read_text())
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["dataset"] == "synthetic_glyphs"
     assert manifest["image_size"] == [28, 28, 1]
@@ -136,7 +137,7 @@ def test_synthetic_images_follow_seed_not_global_rng(synthetic_dataset: Path) ->
 
 
 def test_synthetic_rerun_is_noop(synthetic_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    watched = [synthetic_dataset / "manifest.json", *sorted((synthetic_dataset / "test" / "glyph_00459").iterdir())]
+    watched = [synthetic_dataset / MANIFEST_NAME, *sorted((synthetic_dataset / "test" / "glyph_00459").iterdir())]
     mtimes = [path.stat().st_mtime_ns for path in watched]
     started = time.perf_counter()
     assert prepare_dataset("synthetic_glyphs", dest=synthetic_dataset.parent, seed=0) == synthetic_dataset
@@ -149,10 +150,11 @@ def test_leftover_partial_and_folder_without_manifest_are_rebuilt(
         tmp_path: Path, tiny_synthetic: None, capsys: pytest.CaptureFixture[str]) -> None:
     leftover = tmp_path / ".synthetic_glyphs.partial-99999"
     (leftover / "train" / "glyph_00000").mkdir(parents=True)
-    (leftover / "manifest.json").write_text("{}")
+    (leftover / MANIFEST_NAME).write_text("{}")
     stale = tmp_path / "synthetic_glyphs" / "train" / "stale_class"
     stale.mkdir(parents=True)
-    assert read_manifest(tmp_path / "synthetic_glyphs") is None
+    with pytest.raises(DatasetError, match="'synthetic_glyphs' is not built"):
+        read_manifest(tmp_path / "synthetic_glyphs")
 
     dataset_dir = prepare_dataset("synthetic_glyphs", dest=tmp_path)
 

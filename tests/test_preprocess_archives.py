@@ -27,7 +27,8 @@ from PIL import Image
 
 from preprocess import omniglot
 from preprocess.archives import PreprocessError
-from preprocess.preprocess import SPLITS, prepare_dataset, read_manifest
+from preprocess.preprocess import prepare_dataset
+from utils.dataset_format import MANIFEST_NAME, SPLITS, read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_SIZE = (10, 12)  # (width, height) of the images put into the test archives
@@ -170,7 +171,7 @@ def test_build_layout_images_manifest_and_rerun(tmp_path: Path, name: str, capsy
     out = capsys.readouterr().out
     assert "warning:" in out and "the official archive has" in out  # a tiny archive is not the official one
 
-    watched = [dataset_dir / "manifest.json", *sorted((dataset_dir / "test").rglob("*.png"))]
+    watched = [dataset_dir / MANIFEST_NAME, *sorted((dataset_dir / "test").rglob("*.png"))]
     mtimes = [path.stat().st_mtime_ns for path in watched]
     prepare_dataset(name, source=source, dest=tmp_path / "datasets")
     assert "already built" in capsys.readouterr().out
@@ -241,7 +242,7 @@ def test_a_build_from_another_resize_recipe_is_rebuilt(tmp_path: Path, capsys: p
                      "JPEG/PNG files already 84x84 RGB are copied unchanged"},
                     {"split_rule": manifest["settings"]["split_rule"]}]
     for settings in old_settings:
-        (dataset_dir / "manifest.json").write_text(json.dumps({**manifest, "settings": settings}))
+        (dataset_dir / MANIFEST_NAME).write_text(json.dumps({**manifest, "settings": settings}))
         Image.new("RGB", case.shape).save(image)  # stands for the pixels of the old build
         capsys.readouterr()
         prepare_dataset("mini_imagenet", source=source, dest=dest)
@@ -412,5 +413,5 @@ def test_cli_skip_bad_images_flag(tmp_path: Path) -> None:
     built = subprocess.run([*command, "--skip-bad-images"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                            timeout=60)
     assert built.returncode == 0, built.stderr
-    manifest = json.loads((tmp_path / "datasets" / "CUB" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "datasets" / "CUB" / MANIFEST_NAME).read_text())
     assert [entry["path"] for entry in manifest["skipped_images"]] == ["CUB_200_2011/images/002.Auklet/.DS_Store"]

@@ -1,11 +1,11 @@
 """The config checked against the datasets it names, before anything heavy starts.
 
 Every key is validated on its own when the config is loaded (utils/config.py). What only a dataset
-on disk can contradict is checked here, from its manifest.json and its folder listing (no image is
+on disk can contradict is checked here, from its manifest and its folder listing (no image is
 decoded), so a run that could never finish fails in a second rather than after its first epoch or at
 its final ensemble test:
 
-- the training dataset's image size and channels (manifest "image_size", [H, W, C]) must be the
+- the training dataset's image size and channels (the manifest's "image_size") must be the
   config's: training images are never resized. A cross-domain `test_dataset` may have another size
   (its images are resized to the model's), but not other channels;
 - every split read must hold `num_classes_per_set` classes with at least
@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data import IMAGE_SUFFIXES, DatasetError, require_dataset
 from utils.config import ConfigError, ExperimentConfig
+from utils.dataset_format import (MANIFEST_NAME, image_shape_from_manifest, is_readable_image, read_manifest,
+                                  split_folder)
 
 
 def check_datasets(config: ExperimentConfig) -> None:
@@ -30,19 +31,19 @@ def check_datasets(config: ExperimentConfig) -> None:
     reads = [] if config.evaluate_on_test_set_only else [(config.dataset_name, train_folder, ("train", "val"))]
     reads.append((test_name, test_folder, ("test",)))
     for name, folder, splits in reads:
-        manifest = require_dataset(folder, name)
+        manifest = read_manifest(folder, name)
         _check_image_size(config, name, folder, manifest, is_training_dataset=(folder == train_folder))
         for split in splits:
-            _check_split(config, name, folder / split)
+            _check_split(config, split_folder(folder, split, name))
 
 
 def _check_image_size(config: ExperimentConfig, name: str, folder: Path, manifest: dict,
                       is_training_dataset: bool) -> None:
-    size = manifest.get("image_size")
-    if not (isinstance(size, list) and len(size) == 3):
+    shape = image_shape_from_manifest(manifest)
+    if shape is None:
         return  # a dataset made by hand: nothing recorded to compare with
-    height, width, channels = size
-    where = f"dataset '{name}' ({folder / 'manifest.json'})"
+    channels, height, width = shape
+    where = f"dataset '{name}' ({folder / MANIFEST_NAME})"
     if channels != config.image_channels:
         role = "the training dataset" if is_training_dataset else "the test_dataset"
         raise ConfigError(
@@ -56,24 +57,21 @@ def _check_image_size(config: ExperimentConfig, name: str, folder: Path, manifes
             f"so set --image_height {height} --image_width {width}")
 
 
-def _check_split(config: ExperimentConfig, name: str, split_folder: Path) -> None:
-    if not split_folder.is_dir():
-        raise DatasetError(f"dataset '{name}' has no '{split_folder.name}' split ({split_folder} is missing); "
-                           f"rebuild it with python preprocess/preprocess.py --datasets {name}")
-    counts = [_count_images(entry.path) for entry in os.scandir(split_folder) if entry.is_dir()]
+def _check_split(config: ExperimentConfig, folder: Path) -> None:
+    counts = [_count_images(entry.path) for entry in os.scandir(folder) if entry.is_dir()]
     ways, needed = config.num_classes_per_set, config.num_samples_per_class + config.num_target_samples
     if len(counts) < ways:
         raise ConfigError(
-            f"num_classes_per_set is {ways} but {split_folder} holds only {len(counts)} classes; "
+            f"num_classes_per_set is {ways} but {folder} holds only {len(counts)} classes; "
             f"lower --num_classes_per_set to at most {len(counts)}")
     large_enough = sum(count >= needed for count in counts)
     if large_enough < ways:
         raise ConfigError(
             f"num_samples_per_class + num_target_samples is {config.num_samples_per_class} + "
             f"{config.num_target_samples} = {needed} images per class, but only {large_enough} of the "
-            f"{len(counts)} classes in {split_folder} have that many (the largest has {max(counts)}), "
+            f"{len(counts)} classes in {folder} have that many (the largest has {max(counts)}), "
             f"fewer than the {ways} ways; lower --num_target_samples or --num_samples_per_class")
 
 
 def _count_images(class_folder: str) -> int:
-    return sum(1 for entry in os.scandir(class_folder) if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
+    return sum(1 for entry in os.scandir(class_folder) if is_readable_image(entry.name))
