@@ -44,7 +44,7 @@ from PIL import Image
 from preprocess.archives import PreprocessError, sha256_file
 from preprocess.images import BadImages, ImageFormat, convert_files
 from utils.dataset_format import (CXGRAD_RESIZE, DECODE_ERRORS, MANIFEST_NAME, SPLITS, image_shape_from_manifest,
-                                  is_written_image, preprocess_command)
+                                  classes_in_two_splits, is_written_image, preprocess_command)
 
 DEFAULT_SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
 DEFAULT_MIN_IMAGES_PER_CLASS = 2  # one support + one query image: the fewest any task draws from a class
@@ -179,12 +179,11 @@ def _pre_split_classes(name: str, source: Path, entries: list[Path],
         raise PreprocessError(f"{name}: {source}/{empty[0]}/ holds no class folders; every split needs classes "
                               f"(a test-only dataset: put its classes in one flat folder and import it with "
                               f"--split-fractions 0 0 1)")
-    for index, split in enumerate(SPLITS):
-        for later in SPLITS[index + 1:]:
-            shared = sorted(classes[split].keys() & classes[later].keys())
-            if shared:
-                raise PreprocessError(f"{name}: class(es) {', '.join(shared[:5])} are in both {source}/{split} "
-                                      f"and {source}/{later}; a class must be in one split only")
+    overlap = classes_in_two_splits(classes)
+    if overlap:
+        split, later, shared = overlap
+        raise PreprocessError(f"{name}: class(es) {', '.join(shared[:5])} are in both {source}/{split} "
+                              f"and {source}/{later}; a class must be in one split only")
     return classes
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from preprocess.archives import PreprocessError, safe_extract
 from preprocess.images import BadImages, ImageFormat, convert_classes
-from utils.dataset_format import CXGRAD_RESIZE, SPLITS
+from utils.dataset_format import CXGRAD_RESIZE, SPLITS, classes_in_two_splits
 
 ClassFolders = dict[str, dict[str, Path]]  # split -> {class name: extracted class folder}
 
@@ -134,12 +134,11 @@ def _check_splits(dataset: ArchiveDataset, classes: ClassFolders, archive: Path)
     if empty:
         raise PreprocessError(f"{dataset.name}: {archive} has no classes in split(s) {', '.join(empty)}; "
                               f"is it the archive from {dataset.download_hint}?")
-    for index, split in enumerate(SPLITS):
-        for later in SPLITS[index + 1:]:
-            shared = sorted(classes[split].keys() & classes[later].keys())
-            if shared:
-                raise PreprocessError(f"{dataset.name}: {archive} puts class(es) {', '.join(shared[:5])} "
-                                      f"in both {split} and {later}; a class must be in one split only")
+    overlap = classes_in_two_splits(classes)
+    if overlap:
+        split, later, shared = overlap
+        raise PreprocessError(f"{dataset.name}: {archive} puts class(es) {', '.join(shared[:5])} "
+                              f"in both {split} and {later}; a class must be in one split only")
 
 
 def _class_folders(folder: Path, extract_root: Path, archive: Path, dataset: str) -> dict[str, Path]:

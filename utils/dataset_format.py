@@ -163,6 +163,17 @@ def split_folder(folder: Path, split: str, name: Optional[str] = None) -> Path:
     return path
 
 
+def classes_in_two_splits(classes: dict[str, Any]) -> Optional[tuple[str, str, list[str]]]:
+    """The first two splits that share a class, with the shared names (a class lies in one split only);
+    `classes` maps each split to its class names (any mapping or set of them)."""
+    for index, split in enumerate(SPLITS):
+        for later in SPLITS[index + 1:]:
+            shared = sorted(set(classes[split]) & set(classes[later]))
+            if shared:
+                return split, later, shared
+    return None
+
+
 def count_split_contents(folder: Path) -> dict[str, dict[str, int]]:
     """Classes and written images per split of a dataset folder, as the manifest's "splits" records them."""
     counts = {}
