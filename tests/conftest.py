@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -93,8 +94,26 @@ def tiny_overrides(datasets_dir: Path, experiments_dir: Path, **extra) -> dict:
     return overrides
 
 
-def write_archive(path: Path, members: list[tuple[str, str, str]]) -> None:
-    """Write a zip or tar with members (name, kind, payload); kind: file | symlink | hardlink | chardev."""
+@pytest.fixture(scope="session")
+def omniglot_zips() -> Path:
+    """The official Omniglot zips' folder from OMNIGLOT_ZIPS (make test sets it to ../shared/data/omniglot)."""
+    folder = os.environ.get("OMNIGLOT_ZIPS")
+    if not folder:
+        pytest.skip("set OMNIGLOT_ZIPS to the folder holding images_background.zip and images_evaluation.zip "
+                    "(e.g. OMNIGLOT_ZIPS=../shared/data/omniglot) to run the Omniglot tests")
+    zips_dir = Path(folder)
+    missing = [name for name in ("images_background.zip", "images_evaluation.zip") if not (zips_dir / name).is_file()]
+    if missing:
+        pytest.fail(f"OMNIGLOT_ZIPS={folder} but {', '.join(missing)} not found there")
+    return zips_dir
+
+
+def write_archive(path: Path, members) -> None:
+    """Write a zip or tar (.tar, .tar.gz/.tgz, .tar.bz2, by suffix) with `members`: a dict {name: bytes} of
+    files, or a list of (name, kind, payload) with kind file | symlink | hardlink | chardev."""
+    if isinstance(members, dict):
+        members = [(name, "file", data) for name, data in members.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".zip":
         with zipfile.ZipFile(path, "w") as zf:
             for name, kind, payload in members:
@@ -108,7 +127,7 @@ def write_archive(path: Path, members: list[tuple[str, str, str]]) -> None:
         for name, kind, payload in members:
             info = tarfile.TarInfo(name)
             if kind == "file":
-                data = payload.encode()
+                data = payload.encode() if isinstance(payload, str) else payload
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
                 continue

@@ -10,6 +10,7 @@ import torch
 
 import few_shot_learning_system
 from conftest import random_tasks, tiny_system
+from data import TaskBatch
 from few_shot_learning_system import MAMLFewShotClassifier
 
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 12

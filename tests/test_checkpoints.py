@@ -7,10 +7,8 @@ that differ in one unmarked key at a time.
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import pytest
 import torch

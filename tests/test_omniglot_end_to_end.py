@@ -7,7 +7,6 @@ the zips, it fails.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +20,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def omniglot_zips() -> Path:
-    folder = os.environ.get("OMNIGLOT_ZIPS")
-    if not folder:
-        pytest.skip("set OMNIGLOT_ZIPS to the folder holding images_background.zip and images_evaluation.zip")
-    folder = Path(folder)
-    for name in ("images_background.zip", "images_evaluation.zip"):
-        assert (folder / name).is_file(), f"OMNIGLOT_ZIPS={folder} does not hold {name}"
-    return folder
 
 
 def test_preprocess_train_and_ensemble_test_on_real_omniglot(omniglot_zips, scratch_dir):

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -26,7 +25,8 @@ import pytest
 from PIL import Image
 
 from preprocess import omniglot
-from preprocess.archives import PreprocessError
+from conftest import write_archive
+from preprocess.archives import PreprocessError, safe_extract, sha256_file
 from preprocess.preprocess import prepare_dataset
 from utils.dataset_format import MANIFEST_NAME, SPLITS, read_manifest
 
@@ -42,21 +42,6 @@ def _image_bytes(image_format: str = "JPEG", size: tuple[int, int] = SOURCE_SIZE
     gradient.convert(mode).save(buffer, format=image_format)
     return buffer.getvalue()
 
-
-def _write_archive(path: Path, members: dict[str, bytes]) -> None:
-    """Write `members` ({member name: content}) as a zip or tar (.tar, .tgz, .tar.bz2), by suffix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path, "w") as zf:
-            for name, data in members.items():
-                zf.writestr(name, data)
-        return
-    mode = {".tar": "w", ".tgz": "w:gz", ".bz2": "w:bz2"}[path.suffix]
-    with tarfile.open(path, mode) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 @dataclass(frozen=True)
@@ -135,7 +120,7 @@ def extraction_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 def _source(tmp_path: Path, case: ArchiveCase, members: dict[str, bytes] | None = None) -> Path:
     """A source folder holding only the archive of `case`."""
-    _write_archive(tmp_path / "source" / case.archive, _members(case) if members is None else members)
+    write_archive(tmp_path / "source" / case.archive, _members(case) if members is None else members)
     return tmp_path / "source"
 
 
@@ -254,7 +239,7 @@ def test_a_build_from_another_resize_recipe_is_rebuilt(tmp_path: Path, capsys: p
 def test_dest_raw_folder_is_searched_without_source(tmp_path: Path) -> None:
     case = CASES["CUB"]
     dest = tmp_path / "datasets"
-    _write_archive(dest / "CUB_raw" / case.archive, _members(case))
+    write_archive(dest / "CUB_raw" / case.archive, _members(case))
     assert _classes_on_disk(prepare_dataset("CUB", dest=dest)) == case.classes
 
 
@@ -381,7 +366,7 @@ def test_omniglot_follows_the_bad_file_rule(tmp_path: Path, monkeypatch: pytest.
                                  ("images_evaluation", ["Atlantean/character01", "Atlantean/character02",
                                                         "Atlantean/character03"])]:
         members = {f"{zip_name}/{character}/{k}.png": glyph for character in characters for k in range(2)}
-        _write_archive(source / f"{zip_name}.zip", members)
+        write_archive(source / f"{zip_name}.zip", members)
     with zipfile.ZipFile(source / "images_background.zip", "a") as zf:
         zf.writestr("images_background/Latin/character02/notes.txt", "not an image")
 
@@ -415,3 +400,67 @@ def test_cli_skip_bad_images_flag(tmp_path: Path) -> None:
     assert built.returncode == 0, built.stderr
     manifest = json.loads((tmp_path / "datasets" / "CUB" / MANIFEST_NAME).read_text())
     assert [entry["path"] for entry in manifest["skipped_images"]] == ["CUB_200_2011/images/002.Auklet/.DS_Store"]
+
+
+# ---------------------------------------------------------------------------------------
+# archives
+# ---------------------------------------------------------------------------------------
+
+def _all_files(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+MALICIOUS_MEMBERS = {
+    "dotdot": [("ok.txt", "file", "fine"), ("../evil.txt", "file", "evil")],
+    "absolute": [("ABSOLUTE", "file", "evil")],
+    "symlink_absolute": [("passwd", "symlink", "/etc/passwd")],
+    "symlink_dotdot": [("sub/link", "symlink", "../../x")],
+    "link_chain": [("a/up", "symlink", ".."), ("a/up/../escaped.txt", "file", "evil")],
+    "chardev": [("null", "chardev", "")],
+    "hardlink_absolute": [("hard", "hardlink", "/etc/passwd")],
+}
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+@pytest.mark.parametrize("case", sorted(MALICIOUS_MEMBERS))
+def test_safe_extract_refuses_malicious_members(tmp_path: Path, suffix: str, case: str) -> None:
+    if case == "hardlink_absolute" and suffix == ".zip":
+        pytest.skip("zip has no hard links")
+    absolute_target = tmp_path / "absolute_evil.txt"
+    members = [(str(absolute_target) if name == "ABSOLUTE" else name, kind, payload)
+               for name, kind, payload in MALICIOUS_MEMBERS[case]]
+    archive = tmp_path / f"evil{suffix}"
+    write_archive(archive, members)
+    dest = tmp_path / "work" / "dest"  # '../' and '../../' from here still land inside tmp_path
+    dest.mkdir(parents=True)
+    outside_before = _all_files(tmp_path) - _all_files(dest)
+
+    with pytest.raises(PreprocessError) as excinfo:
+        safe_extract(archive, dest)
+
+    offending = members[-1][0]
+    assert str(archive) in str(excinfo.value) and repr(offending) in str(excinfo.value)
+    assert _all_files(tmp_path) - _all_files(dest) == outside_before
+    assert not absolute_target.exists()
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2"])
+def test_safe_extract_unpacks_ordinary_archives(tmp_path: Path, suffix: str) -> None:
+    members = [("data/a/one.txt", "file", "1"), ("data/b/two.txt", "file", "2"),
+               ("data/link_to_one", "symlink", "a/one.txt")]
+    archive = tmp_path / f"ok{suffix}"
+    write_archive(archive, members)
+    dest = tmp_path / "dest"
+    safe_extract(archive, dest)
+    assert (dest / "data" / "a" / "one.txt").read_text() == "1"
+    assert (dest / "data" / "b" / "two.txt").read_text() == "2"
+    assert os.readlink(dest / "data" / "link_to_one") == "a/one.txt"
+    assert (dest / "data" / "link_to_one").read_text() == "1"
+
+
+def test_sha256_file_and_unsupported_archive(tmp_path: Path) -> None:
+    path = tmp_path / "blob.rar"
+    path.write_bytes(b"x" * 3_000_000)
+    assert sha256_file(path, chunk_size=1 << 16) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+    with pytest.raises(PreprocessError, match="unsupported archive type"):
+        safe_extract(path, tmp_path / "dest")

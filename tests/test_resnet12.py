@@ -4,7 +4,6 @@ Tiny widths (4 per block) and 16x16 / 32x32 images keep every test to seconds.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The Omniglot 5-way 1-shot CxGrad settings sweep of docs/OMNIGLOT.md: each candidate is the CPU-budget
+# config (experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml) with a few keys changed, trained
+# for its first EPOCHS epochs of the full 9-epoch schedule (--total_epochs_before_pause, so the learning
+# rate follows the full run's cosine and a candidate can be resumed to the end by rerunning its command
+# without the pause). Two candidates run at once, one thread each, as on a 2-core machine; the table
+# printed at the end gives each candidate's validation accuracy and seconds per epoch.
+#
+# Usage: bash benchmarks/omniglot_sweep.sh [CANDIDATE ...]   (default: all; EPOCHS=3, OUT=experiments/sweep)
+# Needs the Omniglot build: python preprocess/preprocess.py --datasets omniglot --source DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+epochs=${EPOCHS:-3}
+out=${OUT:-experiments/sweep}
+config=experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml
+
+declare -A CANDIDATES=(
+    [cx_baseline]=""
+    [cx_lslr_bnwb]="--learnable_per_layer_per_step_inner_loop_learning_rate true --per_step_bn_statistics true"
+    [cx_msl_lslr_bnwb]="--use_multi_step_loss_optimization true --multi_step_loss_num_epochs 3
+                        --learnable_per_layer_per_step_inner_loop_learning_rate true --per_step_bn_statistics true"
+    [cx_inner_lr_0.05]="--init_inner_loop_learning_rate 0.05"
+    [cx_64_filters]="--cnn_num_filters 64"
+    [maml_twin]="--contextual_grad false"
+)
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(cx_baseline maml_twin cx_lslr_bnwb cx_msl_lslr_bnwb cx_inner_lr_0.05 cx_64_filters)
+
+run() {  # name
+    # shellcheck disable=SC2086  # the candidate's options are words
+    OMP_NUM_THREADS=1 "$python" train_maml_system.py --name_of_args_json_file "$config" --experiments_dir "$out" \
+        --experiment_name "$1" --total_epochs_before_pause "$epochs" --show_progress false \
+        ${CANDIDATES[$1]} > "$out/$1.log" 2>&1 || echo "$1: exit $? (see $out/$1.log)"
+}
+mkdir -p "$out"
+for ((i = 0; i < ${#names[@]}; i += 2)); do
+    run "${names[i]}" &
+    [ $((i + 1)) -lt ${#names[@]} ] && run "${names[i + 1]}" &
+    wait
+done
+
+"$python" - "$out" "${names[@]}" <<'PY'
+import csv, sys
+from pathlib import Path
+out, names = Path(sys.argv[1]), sys.argv[2:]
+print("| candidate | " + " | ".join(f"val acc after epoch {e}" for e in range(3)) + " | s per epoch |")
+print("|---|" + "---|" * 4)
+for name in names:
+    path = out / name / "logs" / "summary_statistics.csv"
+    rows = list(csv.DictReader(open(path))) if path.is_file() else []
+    accuracies = [f"{100 * float(r['val_accuracy_mean']):.2f}%" for r in rows[:3]] + ["-"] * (3 - len(rows[:3]))
+    seconds = f"{sum(float(r['epoch_time_s']) for r in rows) / len(rows):.0f}" if rows else "-"
+    print(f"| {name} | " + " | ".join(accuracies) + f" | {seconds} |")
+PY
