@@ -348,3 +348,18 @@ def test_tensorboard_logs_the_epoch_and_inner_loop_scalars(tiny_config):
     assert "epoch/val_accuracy_mean" in tags and "inner_loop/grad_norm/linear.weight/step0" in tags
     values = [event.value for event in events.Scalars("epoch/val_accuracy_mean")]
     assert values == pytest.approx([row["val_accuracy_mean"] for row in builder.state["epoch_rows"]])
+
+
+def test_layer_labels_cover_both_backbones():
+    """The figures name every conv weight of 4-CONV and ResNet-12 (a missed one would vanish from them)."""
+    from utils.plot_experiment import layer_label
+    assert [layer_label(f"layer{i}.conv.weight") for i in range(2)] == ["conv1", "conv2"]
+    assert layer_label("block0.layer2.conv.weight") == "b1.conv3"
+    assert layer_label("block3.shortcut.conv.weight") == "b4.shortcut"
+    assert layer_label("linear.weight") == "head"
+    assert layer_label("block0.layer0.norm.weight") is None and layer_label("layer0.conv.bias") is None
+    config = load_config(overrides=dict(backbone="resnet12", resnet_widths=[2, 2, 2, 2], image_height=16,
+                                        image_width=16, device="cpu"))
+    model = MAMLFewShotClassifier(config, torch.device("cpu"))
+    labels = [layer_label(name) for name in model.inner_loop_param_names]
+    assert len({label for label in labels if label and label != "head"}) == 16  # 12 convs + 4 shortcuts

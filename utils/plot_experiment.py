@@ -93,10 +93,15 @@ def pivot(rows: list[dict], quantity: str, field: str = "mean") -> tuple[np.ndar
 
 
 def layer_label(parameter: str) -> Optional[str]:
-    """'conv1'... for the conv weights, 'head' for the linear weight; None for biases and BatchNorm."""
+    """A conv weight's label, counted from 1: 'conv1'... for 4-CONV, 'b1.conv1'... and 'b1.shortcut' for
+    ResNet-12's blocks; 'head' for the linear weight; None for biases and BatchNorm."""
     match = re.fullmatch(r"layer(\d+)\.conv\.weight", parameter)
     if match:
         return f"conv{int(match.group(1)) + 1}"
+    match = re.fullmatch(r"block(\d+)\.(?:layer(\d+)|shortcut)\.conv\.weight", parameter)
+    if match:
+        block, unit = match.groups()
+        return f"b{int(block) + 1}." + (f"conv{int(unit) + 1}" if unit is not None else "shortcut")
     return HEAD if parameter == "linear.weight" else None
 
 
