@@ -369,13 +369,16 @@ class ExperimentBuilder:
                     held.enter_context(lock_experiment_folder(self.paths, training))
                     if training:
                         probe_writable(self.folder, self.checkpoints.bytes_needed(self.model))
-                except (ExperimentBusyError, StorageError) as error:
+                except Exception as error:  # any error: the other ranks must hear of it, not wait to time out
                     problem = error
-            rank_zero_problem = self.distributed.gather(None if problem is None else str(problem))[0]
+            busy, message = self.distributed.gather(
+                None if problem is None else (isinstance(problem, ExperimentBusyError), str(problem)),
+                what="rank 0's check of the experiment folder")[0] or (None, None)
             if problem is not None:
                 raise problem
-            if rank_zero_problem is not None:
-                raise ExperimentBusyError(f"rank 0 stopped the run: {rank_zero_problem}")
+            if message is not None:
+                error_type = ExperimentBusyError if busy else StorageError
+                raise error_type(f"rank 0 stopped the run: {message}")
             yield
 
     def _train_and_test(self) -> Optional[dict[str, Any]]:

@@ -37,7 +37,8 @@ say "preprocess omniglot"
 
 if [ -z "${SKIP_BENCH:-}" ]; then
     say "bench_iteration (CUDA, nothing else running)"
-    timeout 330 "$python" benchmarks/bench_iteration.py --devices cuda --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
+    timeout 330 "$python" benchmarks/bench_iteration.py --configs omniglot mini_imagenet --devices cuda \
+        --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
 fi
 
 if [ -z "${SKIP_TRAINING:-}" ]; then
@@ -82,7 +83,10 @@ def numbers(folder):
 sys.exit(0 if numbers(sys.argv[1]) == numbers(sys.argv[2]) else 1)
 PY
 }
-if same_runs plain plain2; then say "REPRODUCIBLE: two plain runs agree exactly"; else say "NOT REPRODUCIBLE: two plain runs differ"; fi
+if [ ! -f "$experiments/plain/test_summary.json" ] || [ ! -f "$experiments/plain2/test_summary.json" ]; then
+    say "NOT COMPARED: plain or plain2 did not finish (see their logs)"
+elif same_runs plain plain2; then say "REPRODUCIBLE: two plain runs agree exactly"
+else say "NOT REPRODUCIBLE: two plain runs differ"; fi
 
 say "collect"
 tar -C "$work" --exclude=saved_models --exclude=tensorboard -czf "$out/experiments_logs.tar.gz" experiments

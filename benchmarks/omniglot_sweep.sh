@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The Omniglot 5-way 1-shot CxGrad settings sweep of docs/OMNIGLOT.md: each candidate is the CPU-budget
 # config (experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml) with a few keys changed, trained
-# for its first EPOCHS epochs of the full 9-epoch schedule (--total_epochs_before_pause, so the learning
-# rate follows the full run's cosine and a candidate can be resumed to the end by rerunning its command
-# without the pause). Two candidates run at once, one thread each, as on a 2-core machine; the table
+# for its first EPOCHS epochs of a 9-epoch schedule (--total_epochs 9 --total_epochs_before_pause EPOCHS,
+# so the learning rate follows the 9-epoch run's cosine and a candidate can be resumed to the end by
+# rerunning its command without the pause). Two candidates run at once, one thread each, as on a 2-core machine; the table
 # printed at the end gives each candidate's validation accuracy and seconds per epoch.
 #
 # Usage: bash benchmarks/omniglot_sweep.sh [CANDIDATE ...]   (default: all; EPOCHS=3, OUT=experiments/sweep)
@@ -26,11 +26,14 @@ declare -A CANDIDATES=(
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cx_baseline maml_twin cx_lslr_bnwb cx_msl_lslr_bnwb cx_inner_lr_0.05 cx_64_filters)
+for name in "${names[@]}"; do
+    [ -n "${CANDIDATES[$name]+set}" ] || { echo "unknown candidate '$name'; known: ${!CANDIDATES[*]}" >&2; exit 2; }
+done
 
 run() {  # name
     # shellcheck disable=SC2086  # the candidate's options are words
     OMP_NUM_THREADS=1 "$python" train_maml_system.py --name_of_args_json_file "$config" --experiments_dir "$out" \
-        --experiment_name "$1" --total_epochs_before_pause "$epochs" --show_progress false \
+        --experiment_name "$1" --total_epochs 9 --total_epochs_before_pause "$epochs" --show_progress false \
         ${CANDIDATES[$1]} > "$out/$1.log" 2>&1 || echo "$1: exit $? (see $out/$1.log)"
 }
 mkdir -p "$out"
@@ -40,16 +43,16 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
     wait
 done
 
-"$python" - "$out" "${names[@]}" <<'PY'
+"$python" - "$out" "$epochs" "${names[@]}" <<'PY'
 import csv, sys
 from pathlib import Path
-out, names = Path(sys.argv[1]), sys.argv[2:]
-print("| candidate | " + " | ".join(f"val acc after epoch {e}" for e in range(3)) + " | s per epoch |")
-print("|---|" + "---|" * 4)
+out, epochs, names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+print("| candidate | " + " | ".join(f"val acc after epoch {e}" for e in range(epochs)) + " | s per epoch |")
+print("|---|" + "---|" * (epochs + 1))
 for name in names:
     path = out / name / "logs" / "summary_statistics.csv"
-    rows = list(csv.DictReader(open(path))) if path.is_file() else []
-    accuracies = [f"{100 * float(r['val_accuracy_mean']):.2f}%" for r in rows[:3]] + ["-"] * (3 - len(rows[:3]))
+    rows = list(csv.DictReader(open(path)))[:epochs] if path.is_file() else []
+    accuracies = [f"{100 * float(r['val_accuracy_mean']):.2f}%" for r in rows] + ["-"] * (epochs - len(rows))
     seconds = f"{sum(float(r['epoch_time_s']) for r in rows) / len(rows):.0f}" if rows else "-"
     print(f"| {name} | " + " | ".join(accuracies) + f" | {seconds} |")
 PY

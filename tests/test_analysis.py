@@ -21,7 +21,7 @@ from few_shot_learning_system import MAMLFewShotClassifier, last_step_only, per_
 from utils.inner_loop_statistics import InnerLoopStatistics, InnerLoopStatisticsLog, read_statistics
 from tests.conftest import tiny_overrides
 from utils import plot_experiment, summarize_results
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError, ExperimentConfig, load_config
 from utils.checkpoints import CheckpointError
 from utils.experiment_paths import ExperimentPaths
 
@@ -363,3 +363,12 @@ def test_layer_labels_cover_both_backbones():
     model = MAMLFewShotClassifier(config, torch.device("cpu"))
     labels = [layer_label(name) for name in model.inner_loop_param_names]
     assert len({label for label in labels if label and label != "head"}) == 16  # 12 convs + 4 shortcuts
+
+
+def test_a_run_from_before_a_key_existed_is_not_grouped_with_todays_default():
+    """An old config.yaml without `activation` was trained with ReLU: not a seed repeat of a leaky-ReLU run."""
+    today = ExperimentConfig().to_dict()
+    old = {key: value for key, value in today.items() if key not in ("activation", "input_normalisation")}
+    assert summarize_results.replicate_identity(old)[0] != summarize_results.replicate_identity(today)[0]
+    explicit_old = {**old, "activation": "relu", "input_normalisation": "dataset_statistics"}
+    assert summarize_results.replicate_identity(old) == summarize_results.replicate_identity(explicit_old)

@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from utils.config import ARCHITECTURE_KEYS, ExperimentConfig, architecture_value_before_key_existed
+from utils.config import ARCHITECTURE_KEYS, ExperimentConfig, value_before_key_existed
 from utils.experiment_paths import ExperimentPaths
 from utils.storage import atomic_write_bytes
 
@@ -154,7 +154,7 @@ class CheckpointStore:
     def check_architecture(self, checkpoint: Checkpoint, path: Path) -> None:
         """Refuse a checkpoint trained with other values of the architecture keys than this run's config."""
         saved_config = checkpoint["config"]
-        saved = {key: saved_config.get(key, architecture_value_before_key_existed(key)) for key in ARCHITECTURE_KEYS}
+        saved = {key: saved_config.get(key, value_before_key_existed(key)) for key in ARCHITECTURE_KEYS}
         keys = [key for key in ARCHITECTURE_KEYS if saved[key] != getattr(self.config, key)]
         if keys:
             differing = [f"{key} (checkpoint: {saved[key]!r}, now: {getattr(self.config, key)!r})" for key in keys]

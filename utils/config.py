@@ -228,8 +228,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 ARCHITECTURE_KEYS = tuple(name for name, spec in FIELDS.items() if spec.metadata["architecture"])
 
 
-def architecture_value_before_key_existed(key: str) -> Any:
-    """What a checkpoint whose config lacks architecture key `key` (written before it existed) was trained with."""
+def value_before_key_existed(key: str) -> Any:
+    """What a run whose saved config lacks `key` (written before the key existed) was trained with: the
+    value recorded as `before_key_existed` (e.g. activation: relu), else the key's default."""
     spec = FIELDS[key]
     before = spec.metadata["before_key_existed"]
     return default_of(spec) if before is _UNSET else before

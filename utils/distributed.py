@@ -136,12 +136,13 @@ class DistributedContext:
         last = (self.rank + 1) * num_batches // self.world_size
         return range(min(first * batch_size, num_tasks), min(last * batch_size, num_tasks))
 
-    def gather(self, local: Any) -> list[Any]:
-        """Every rank's `local` (any picklable object), in rank order, on every rank."""
+    def gather(self, local: Any, what: str = "all-gather of the evaluation results") -> list[Any]:
+        """Every rank's `local` (any picklable object), in rank order, on every rank; `what` names the
+        collective in a time-out's message."""
         if not self.initialized:
             return [local]
         gathered: list[Any] = [None] * self.world_size
-        with self._collective("all-gather of the evaluation results"):
+        with self._collective(what):
             dist.all_gather_object(gathered, local)
         return gathered
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as `python utils/summarize_results.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import ConfigError, ExperimentConfig, read_config_file
+from utils.config import FIELDS, ConfigError, read_config_file, value_before_key_existed
 from utils.experiment_paths import ExperimentPaths
 from utils.storage import atomic_write_text, write_csv
 
@@ -73,8 +73,9 @@ def read_experiment_config(folder: Path) -> Optional[dict[str, Any]]:
 
 def replicate_identity(config: dict[str, Any]) -> tuple[str, tuple]:
     """(what the run is, which seeds it used): the config without bookkeeping keys and seeds, as text, and its
-    seeds. A key missing from an older config.yaml counts as its default, as it did when that run trained."""
-    resolved = {**ExperimentConfig().to_dict(), **config}
+    seeds. A key missing from an older config.yaml counts as what that run trained with (an old run was
+    ReLU, and standardised its input), not as today's default."""
+    resolved = {key: value_before_key_existed(key) for key in FIELDS} | config
     experiment = {key: value for key, value in resolved.items() if key not in BOOKKEEPING_KEYS | set(SEED_KEYS)}
     return json.dumps(experiment, sort_keys=True, default=str), tuple(resolved[key] for key in SEED_KEYS)
 

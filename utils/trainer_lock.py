@@ -82,8 +82,12 @@ def _acquire(paths: ExperimentPaths, training: bool) -> int:
 def _write_holder(descriptor: int, training: bool) -> None:
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "role": "training" if training else "testing", "command": " ".join(sys.argv)}
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+    except OSError as error:  # a full disk or quota: say so, as the disk probe would
+        raise StorageError(f"cannot write the lock record of the experiment folder ({error}); "
+                           f"free some space and rerun") from error
 
 
 def _another_tester_is_named(path: Path) -> bool:
