@@ -121,7 +121,7 @@ def plan_import(name: str, source: Path, split_fractions: tuple[float, ...] | No
     if min_images_per_class < 1:
         raise PreprocessError(f"--min-images-per-class is {min_images_per_class}; it must be at least 1")
     source = source.resolve()  # every path below is relative to it, in messages and in the manifest
-    entries = sorted(source.iterdir())
+    entries = _visible_entries(name, source)
     if not entries:
         raise PreprocessError(f"{name}: {source} is empty; expected {source}/CLASS/IMAGE or "
                               f"{source}/{{train,val,test}}/CLASS/IMAGE")
@@ -187,6 +187,16 @@ def _pre_split_classes(name: str, source: Path, entries: list[Path],
     return classes
 
 
+def _visible_entries(name: str, folder: Path) -> list[Path]:
+    """The entries of `folder`, sorted, without hidden ones (.ipynb_checkpoints/, .git/, .DS_Store), which
+    belong to no class or split: each is named in a note and left out."""
+    entries = sorted(folder.iterdir())
+    for entry in entries:
+        if entry.name.startswith("."):
+            print(f"{name}: ignoring {entry}: hidden", flush=True)
+    return [entry for entry in entries if not entry.name.startswith(".")]
+
+
 def _note_ignored_files(name: str, entries: list[Path]) -> None:
     """Files next to class (or split) folders belong to no class (a README, .DS_Store): say so and go on."""
     for entry in entries:
@@ -197,7 +207,7 @@ def _note_ignored_files(name: str, entries: list[Path]) -> None:
 def _read_classes(name: str, folder: Path, bad_images: BadImages) -> dict[str, list[Path]]:
     """{class name: its image files} of the class folders in `folder`; unreadable files per the bad-file rule."""
     classes, hidden = {}, []
-    entries = sorted(folder.iterdir())
+    entries = _visible_entries(name, folder)
     _note_ignored_files(name, entries)
     for class_dir in (entry for entry in entries if entry.is_dir()):
         check_name(class_dir.name, f"{name}: class folder {class_dir}:")

@@ -288,6 +288,7 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
         except DatasetError:  # not built, or a damaged manifest: build
             manifest = None
         sources: dict[str, Path] | None = None
+        fingerprints: dict[str, Any] | None = None
         if force:
             reason = "rebuild forced"
         elif manifest is None:
@@ -299,17 +300,26 @@ def prepare_dataset(name: str, source: str | os.PathLike[str] | None = None,
             return dataset_dir
         else:
             sources = recipe.locate_sources()
-            if recipe.fingerprints(sources) == manifest.get("sources"):
+            fingerprints = recipe.fingerprints(sources)
+            if fingerprints == manifest.get("sources"):
                 print(f"{name}: already built at {dataset_dir} from the same sources{_skipped_note(manifest)}",
                       flush=True)
                 return dataset_dir
+            built_from = sorted(manifest.get("sources") or {})
+            if from_folder and built_from != sorted(fingerprints):
+                # Another folder is another dataset: replacing it would change what its experiments meant.
+                raise PreprocessError(
+                    f"{name}: {dataset_dir} was imported from {', '.join(built_from) or 'another source'}, not from "
+                    f"{', '.join(sorted(fingerprints))}; importing it under the same name would replace that "
+                    f"dataset. Choose another --datasets NAME, or add --force to replace it")
             reason = "source files differ from the existing build"
 
         if sources is None:
             sources = recipe.locate_sources()
         print(f"{name}: building into {dataset_dir} ({reason})", flush=True)
         started = time.perf_counter()
-        fingerprints = recipe.fingerprints(sources)
+        if fingerprints is None:
+            fingerprints = recipe.fingerprints(sources)
         partial_dir = dest_dir / f".{name}.partial-{os.getpid()}"
         partial_dir.mkdir()
         try:

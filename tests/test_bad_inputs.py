@@ -453,3 +453,11 @@ def test_sigterm_kills_a_real_training_process_which_resumes_to_the_same_weights
         assert torch.equal(tensor, resumed_state["network"][name]), f"{name} differs after SIGTERM and resume"
     assert json.loads(ExperimentPaths(tmp_path / "straight").test_summary().read_text())["ensemble_test_accuracy"] == \
         json.loads(ExperimentPaths(tmp_path / "stopped").test_summary().read_text())["ensemble_test_accuracy"]
+
+
+def test_an_empty_split_is_named_as_such(tmp_path):
+    """A split with no classes (an import with a 0 fraction) gets its own message, not 'lower to at most 0'."""
+    from utils.preflight import _check_split
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ConfigError, match=r"val holds no classes .* use this one only as --test_dataset"):
+        _check_split(load_config(), tmp_path / "val")

@@ -87,6 +87,15 @@ def test_flat_folder_is_split_by_fractions_and_seed_and_recorded(tmp_path, capsy
     prepare_dataset("mine", source=source, dest=dest, from_folder=True, seed=3)
     assert "source files differ" in capsys.readouterr().out
 
+    # Another folder under the same name is another dataset: refused unless forced, nothing replaced.
+    other_source = flat_folder(tmp_path / "elsewhere", classes=10)
+    before = read_manifest(dataset)
+    with pytest.raises(PreprocessError, match="was imported from .*source, not from .*elsewhere.*--force"):
+        prepare_dataset("mine", source=other_source, dest=dest, from_folder=True, seed=3)
+    assert read_manifest(dataset) == before
+    prepare_dataset("mine", source=other_source, dest=dest, from_folder=True, seed=3, force=True)
+    assert list(read_manifest(dataset)["sources"]) == [str(other_source.resolve())]
+
 
 def test_pre_split_folder_keeps_its_split_and_converts_any_size_and_mode(tmp_path):
     source = split_folder(tmp_path / "digits", sizes=((16, 16), (20, 18), (14, 15)), mode="L")
@@ -159,9 +168,6 @@ def _bad_folder(tmp_path: Path, case: str) -> tuple[Path, dict]:
     elif case == "no class folders":
         source.mkdir()
         Image.new("L", (8, 8)).save(source / "image.png")
-    elif case == "hidden class folder":
-        flat_folder(source, classes=5)
-        write_class(source / ".ipynb_checkpoints", 4, seed=1)
     elif case == "mixed layouts":
         split_folder(source)
         write_class(source / "cat", 4, seed=1)
@@ -189,7 +195,6 @@ BAD_INPUTS = {
     "empty split": r"source/test/ holds no class folders.*--split-fractions 0 0 1",
     "empty folder": r"source is empty; expected .*CLASS/IMAGE",
     "no class folders": r"holds no class folders \(1 file\(s\) directly in it\)",
-    "hidden class folder": r"class folder .*\.ipynb_checkpoints.* is hidden",
     "mixed layouts": r"mixes split folders \(test, train, val\) with other folders \(cat\)",
     "class in two splits": r"class\(es\) train_0 are in both .*train and .*test",
     "fractions leave a split empty": r"3 class folder\(s\); --split-fractions 0.9 0.05 0.05 leave\(s\) val and test "
@@ -206,6 +211,22 @@ def test_bad_input_is_named_and_nothing_is_built(tmp_path, case):
     with pytest.raises(PreprocessError, match=BAD_INPUTS[case]):
         prepare_dataset("mine", source=source, dest=dest, from_folder=True, **options)
     assert_nothing_built(dest, "mine")
+
+
+def test_hidden_folders_belong_to_no_class_or_split(tmp_path, capsys):
+    """Notebook checkpoints, .git and the like are left out with a note, in either layout."""
+    flat = flat_folder(tmp_path / "flat", classes=5)
+    write_class(flat / ".ipynb_checkpoints", 4, seed=1)
+    dataset = prepare_dataset("flat", source=flat, dest=tmp_path / "datasets", from_folder=True,
+                              split_fractions=(0.6, 0.2, 0.2))
+    assert ".ipynb_checkpoints" not in sum(class_names(dataset).values(), [])
+    assert "ignoring" in capsys.readouterr().out
+    pre_split = split_folder(tmp_path / "pre_split")
+    write_class(pre_split / ".git", 4, seed=1)
+    write_class(pre_split / "train" / ".ipynb_checkpoints", 4, seed=2)
+    dataset = prepare_dataset("pre_split", source=pre_split, dest=tmp_path / "datasets", from_folder=True)
+    assert class_names(dataset) == {split: sorted(path.name for path in (pre_split / split).iterdir()
+                                                  if not path.name.startswith(".")) for split in SPLITS}
 
 
 def test_skip_bad_images_leaves_them_out_and_lists_them(tmp_path):

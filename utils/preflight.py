@@ -60,6 +60,11 @@ def _check_image_size(config: ExperimentConfig, name: str, folder: Path, manifes
 def _check_split(config: ExperimentConfig, folder: Path) -> None:
     counts = [_count_images(entry.path) for entry in os.scandir(folder) if entry.is_dir()]
     ways, needed = config.num_classes_per_set, config.num_samples_per_class + config.num_target_samples
+    if not counts:
+        raise ConfigError(
+            f"{folder} holds no classes (a folder imported with a split fraction of 0, say); train on a "
+            f"dataset whose train and val splits have classes, and use this one only as --test_dataset "
+            f"(or re-import it with --split-fractions that give this split classes)")
     if len(counts) < ways:
         raise ConfigError(
             f"num_classes_per_set is {ways} but {folder} holds only {len(counts)} classes; "
