@@ -71,7 +71,8 @@ class ContextualGradientScaling(nn.Module):
     """
 
     # A tensor of norm zero (a conv bias or BatchNorm shift at initialisation) has no direction to
-    # rescale: it stays zero here, where the official code divides by zero and trains on NaN.
+    # rescale: it passes through unscaled, gradient 1, where the official code divides by zero and trains on
+    # NaN. (Dividing by a clamped norm instead would keep it zero but scale its meta-gradient by 1e12.)
     ZERO_NORM = 1e-12
 
     def __init__(self, num_context_params: int, scaled_param_names: list[str], context_learning_rate: float):
@@ -92,8 +93,9 @@ class ContextualGradientScaling(nn.Module):
         rescaled = dict(fast_params)
         for index, name in enumerate(self.scaled_param_names):
             weight = fast_params[name]  # [T, ...]: one copy per task
-            norm = weight.flatten(1).norm(dim=1).clamp_min(self.ZERO_NORM).view(-1, *([1] * (weight.dim() - 1)))
-            rescaled[name] = gamma[:, index].view_as(norm) * weight / norm
+            norm = weight.flatten(1).norm(dim=1).view(-1, *([1] * (weight.dim() - 1)))
+            scaled = gamma[:, index].view_as(norm) * weight / norm.clamp_min(self.ZERO_NORM)
+            rescaled[name] = torch.where(norm > 0, scaled, weight)
         return rescaled, gamma
 
     def warm_up(self, context: Tensor, fast_params: dict[str, Tensor],

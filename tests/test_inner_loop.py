@@ -219,9 +219,12 @@ def test_inner_loop_batch_norm_parameters_are_one_row_for_all_steps():
 def test_cxgrad_trains_with_zero_initialised_rescaled_tensors(setting):
     """Conv biases and BatchNorm shifts start at zero: they stay zero when rescaled, never NaN."""
     system = make_system(contextual_grad=True, **RESCALED_SETS[setting][0])
-    for _ in range(2):
-        metrics = system.run_train_iter(make_tasks(), epoch=0)
-        assert not metrics["skipped"] and np.isfinite(metrics["loss"])
+    metrics = system.run_train_iter(make_tasks(), epoch=0)
+    # The zero tensors' meta-gradients are of ordinary size (a clamped-norm division gave ~1e11).
+    assert max(p.grad.abs().max().item() for p in system.parameters() if p.grad is not None) < 1e3
+    assert not metrics["skipped"] and np.isfinite(metrics["loss"])
+    metrics = system.run_train_iter(make_tasks(), epoch=0)
+    assert not metrics["skipped"] and np.isfinite(metrics["loss"])
     assert all(torch.isfinite(p).all() for p in system.parameters())
 
 
