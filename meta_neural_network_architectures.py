@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 
 def make_activation(name: str, leaky_relu_slope: float) -> Callable[[Tensor], Tensor]:
-    """The activation after each BatchNorm, by its config name (`activation`)."""
+    """The activation after each BatchNorm, by its config name (`activation`); non-decreasing for a slope
+    >= 0 (the config checks it), so it commutes with max-pooling (`pooled_activation`)."""
     if name == "leaky_relu":
         return functools.partial(F.leaky_relu, negative_slope=leaky_relu_slope)
     if name == "relu":
@@ -110,6 +111,54 @@ def _conv_norm(x: Tensor, prefix: str, params: dict[str, Tensor], own: dict[str,
     scale = _fold_tasks(_step_row(params[f"{prefix}.norm.weight"], norm_weight, step), norm_weight[0], tasks)
     shift = _fold_tasks(_step_row(params[f"{prefix}.norm.bias"], norm_bias, step), norm_bias[0], tasks)
     return F.batch_norm(x, None, None, scale, shift, training=True)
+
+
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """2x2 max-pooling of an NCHW CPU tensor through ATen's channels-last kernel.
+
+    ATen's CPU max-pool kernel for NCHW tensors is 3-10x slower than its channels-last one (75x48x84x84:
+    111 ms against 30 ms with the copies). The forward pools a channels-last copy and returns NCHW
+    values and indices; the backward is ATen's own NCHW max-pool backward, a differentiable operation,
+    so second-order meta-gradients run through it as through `F.max_pool2d`. Both kernels take the
+    first maximum of each window, so values and gradients equal `F.max_pool2d(x, 2, 2)`'s exactly.
+    """
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        pooled, indices = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), [2, 2], [2, 2])
+        return pooled.contiguous(), indices.contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (x,) = inputs
+        ctx.input_shape, ctx.input_dtype = x.shape, x.dtype  # not x: the backward needs its shape only
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_pooled: Tensor, _grad_indices: Tensor) -> Tensor:
+        (indices,) = ctx.saved_tensors
+        shape_of_input = grad_pooled.new_empty(ctx.input_shape, dtype=ctx.input_dtype)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_pooled.contiguous(), shape_of_input, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+
+
+def max_pool_2x2(x: Tensor) -> Tensor:
+    """2x2 max-pooling with stride 2: the values and gradients of `F.max_pool2d(x, 2, 2)`, faster on the CPU."""
+    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
+        return _ChannelsLastMaxPool.apply(x)[0]
+    return F.max_pool2d(x, kernel_size=2, stride=2)
+
+
+def pooled_activation(x: Tensor, activation: Callable[[Tensor], Tensor]) -> Tensor:
+    """`max_pool_2x2(activation(x))`, computed as `activation(max_pool_2x2(x))`.
+
+    The two are equal because the activations (leaky ReLU, ReLU) are non-decreasing, so they commute
+    with a maximum: the same values, and the gradient reaches the same input through the same slope.
+    Activating the pooled map touches a quarter of the elements, forward and in both backward passes.
+    """
+    return activation(max_pool_2x2(x))
 
 
 def _tasks_along_channels(images: Tensor, memory_format: torch.memory_format) -> Tensor:
@@ -213,9 +262,8 @@ class VGGReLUNormNetwork(_FunctionalBackbone):
                  step: int) -> Tensor:
         stride = 1 if self.max_pooling else 2
         for prefix in self.unit_prefixes:
-            x = self.activation(_conv_norm(x, prefix, params, own, tasks, step, stride, self.padding))
-            if self.max_pooling:
-                x = F.max_pool2d(x, kernel_size=2, stride=2)
+            x = _conv_norm(x, prefix, params, own, tasks, step, stride, self.padding)
+            x = pooled_activation(x, self.activation) if self.max_pooling else self.activation(x)
         return x.reshape(x.shape[0], tasks, -1).transpose(0, 1)
 
 
@@ -279,7 +327,7 @@ class ResNet12(_FunctionalBackbone):
                 x = _conv_norm(x, f"{block}.layer{layer}", params, own, tasks, step)
                 if layer < self.CONVS_PER_BLOCK - 1:
                     x = self.activation(x)
-            x = F.max_pool2d(self.activation(x + shortcut), kernel_size=2, stride=2)
+            x = pooled_activation(x + shortcut, self.activation)
         pooled = x.mean(dim=(2, 3))  # global average pooling: [B, T*width]
         return pooled.view(pooled.shape[0], tasks, -1).transpose(0, 1)
 

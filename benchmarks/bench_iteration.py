@@ -52,9 +52,13 @@ CONFIGS = {
 DEFAULT_ORDERS = {"omniglot": ("second",), "mini_imagenet": ("second",), "resnet12": ("second", "first")}
 # name -> config overrides. The CUDA-only variants add this repo's GPU options to the batched path.
 VARIANTS = {
+    "default": {},  # what a config that does not set them runs: task_batching auto, cpu_memory_caching on
     "loop": {"task_batching": "loop"},
     "batched": {"task_batching": "batched"},
     "batched_channels_last": {"task_batching": "batched", "channels_last": True},
+    # What cpu_memory_caching (on by default) gains on the CPU.
+    "loop_uncached": {"task_batching": "loop", "cpu_memory_caching": False},
+    "batched_uncached": {"task_batching": "batched", "cpu_memory_caching": False},
     "batched_bf16": {"task_batching": "batched", "mixed_precision": True},
     "batched_bf16_channels_last": {"task_batching": "batched", "mixed_precision": True, "channels_last": True},
     # What `deterministic` (the default) costs on CUDA: the batched path with cuDNN autotuning instead.
@@ -66,6 +70,8 @@ VARIANTS = {
 DISPATCH_SHAPES = {"image_height": 16, "image_width": 16, "cnn_num_filters": 4, "resnet_widths": [4, 4, 4, 4],
                    "num_target_samples": 1}
 CPU_VARIANTS = ("loop", "batched")
+# The official CxGrad code's own iteration (benchmarks/bench_official.py), timed with --official-repo.
+OFFICIAL = "official"
 CUDA_VARIANTS = ("loop", "batched", "batched_autotuned", "batched_channels_last", "batched_bf16",
                  "batched_bf16_channels_last")
 
@@ -164,6 +170,14 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
 
 def run_setting(config_name: str, device_name: str, variant: str, args, dispatch_shapes: bool = False,
                 order: str = "second") -> dict:
+    if variant == OFFICIAL:
+        from benchmarks.bench_official import run_in_subprocess
+        try:
+            return run_in_subprocess(args.official_repo, config_name, device_name, args.iterations, args.warmup,
+                                     order, threads=args.threads)
+        except RuntimeError as error:
+            return {"config": config_name, "device": device_name, "variant": variant, "order": order,
+                    "error": str(error).splitlines()[-1:]}
     command = [sys.executable, __file__, "--worker", config_name, device_name, variant,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--order", order]
     if dispatch_shapes:
@@ -174,6 +188,19 @@ def run_setting(config_name: str, device_name: str, variant: str, args, dispatch
         return {"config": config_name, "device": device_name, "variant": variant, "order": order,
                 "error": completed.stderr.strip().splitlines()[-1:]}
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One setting's rounds as one line: the medians over rounds, the worst peak memory; an error if any."""
+    failed = [run for run in runs if "error" in run]
+    if failed or len(runs) == 1:
+        return failed[0] if failed else runs[0]
+    combined = dict(runs[0], rounds=len(runs))
+    for key in ("median_s_per_iter", "median_cpu_s_per_iter"):
+        combined[key] = statistics.median(run[key] for run in runs)
+    combined["min_s_per_iter"] = min(run.get("min_s_per_iter", run["median_s_per_iter"]) for run in runs)
+    combined["peak_memory_mb"] = max(run["peak_memory_mb"] for run in runs)
+    return combined
 
 
 def dispatch_bounds(results: dict, dispatch: dict, base_name: str, device_name: str) -> dict:
@@ -230,6 +257,11 @@ def main(argv=None) -> int:
                         help="meta-gradient orders to time (default: second, and also first for resnet12)")
     parser.add_argument("--order", choices=("second", "first"), default="second",
                         help="with --profile: the meta-gradient order")
+    parser.add_argument("--official-repo", type=Path, default=None,
+                        help="a checkout of https://github.com/shlee625/CxGrad: its iteration is timed first "
+                             "(benchmarks/bench_official.py) and every variant's speed-up is against it")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every variant this many times, round-robin; report medians over rounds")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.profile:
@@ -238,19 +270,32 @@ def main(argv=None) -> int:
                                  order=args.order)), flush=True)
         return 0
 
+    if args.official_repo:
+        args.official_repo = args.official_repo.resolve()
+        if not (args.official_repo / "few_shot_learning_system.py").is_file():
+            parser.error(f"--official-repo {args.official_repo}: no few_shot_learning_system.py there; clone "
+                         "the official code with: git clone https://github.com/shlee625/CxGrad DIR")
+        if "resnet12" in args.configs:
+            parser.error("--official-repo times the 4-CONV configs only: add --configs omniglot mini_imagenet")
     import torch
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     failed = False
     settings = [(config_name, device_name, order) for config_name in args.configs for device_name in devices
                 for order in (args.orders or DEFAULT_ORDERS[config_name])]
     for config_name, device_name, order in settings:
-        variants = args.variants or (CPU_VARIANTS if device_name == "cpu" else CUDA_VARIANTS)
-        results, dispatch = {}, {}
-        for variant in variants:
-            results[variant] = run_setting(config_name, device_name, variant, args, order=order)
-            print(json.dumps(results[variant]), flush=True)
+        variants = list(args.variants or (CPU_VARIANTS if device_name == "cpu" else CUDA_VARIANTS))
+        if args.official_repo:
+            variants.insert(0, OFFICIAL)
+        # Round-robin over the variants, so that a slow spell of a shared machine hits them all alike.
+        rounds = {variant: [] for variant in variants}
+        for _ in range(args.rounds):
+            for variant in variants:
+                rounds[variant].append(run_setting(config_name, device_name, variant, args, order=order))
+                print(json.dumps(rounds[variant][-1]), flush=True)
+        results, dispatch = {variant: combine_rounds(runs) for variant, runs in rounds.items()}, {}
+        measured = [variant for variant in variants if variant != OFFICIAL]
         if not args.no_dispatch:
-            for variant in variants[:2]:  # the base and the first variant against it
+            for variant in measured[:2]:  # the base and the first variant against it
                 dispatch[variant] = run_setting(config_name, device_name, variant, args, dispatch_shapes=True,
                                                 order=order)
                 print(json.dumps(dispatch[variant]), flush=True)
@@ -260,17 +305,18 @@ def main(argv=None) -> int:
         base_name = variants[0]
         base = results[base_name]
         summary = {"config": config_name, "device": device_name, "second_order": order == "second",
-                   "summary": True}
+                   "summary": True, "rounds": args.rounds}
         for variant in variants[1:]:
             result = results[variant]
-            summary[f"speedup_{variant}_vs_{base_name}"] = (
-                base["median_s_per_iter"] / result["median_s_per_iter"])
+            # The median of the per-round ratios: each ratio compares runs made minutes apart.
+            summary[f"speedup_{variant}_vs_{base_name}"] = statistics.median(
+                b["median_s_per_iter"] / r["median_s_per_iter"] for b, r in zip(rounds[base_name], rounds[variant]))
             summary[f"peak_memory_ratio_{variant}_vs_{base_name}"] = result["peak_memory_mb"] / base["peak_memory_mb"]
             if device_name == "cpu":
                 summary[f"cpu_time_ratio_{variant}_vs_{base_name}"] = (
                     base["median_cpu_s_per_iter"] / result["median_cpu_s_per_iter"])
         if dispatch:
-            summary.update(dispatch_bounds(results, dispatch, base_name, device_name))
+            summary.update(dispatch_bounds(results, dispatch, measured[0], device_name))
         print(json.dumps(summary), flush=True)
     return 1 if failed else 0
 

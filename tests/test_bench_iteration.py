@@ -78,3 +78,65 @@ def test_command_line_times_each_order_with_its_own_summary(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(line.get("variant"), line.get("summary"), line["second_order"]) for line in lines] == [
         ("batched", None, False), (None, True, False), ("batched", None, True), (None, True, True)]
+
+
+FAKE_PARSER = '''
+import json, sys, torch
+
+class Bunch:
+    def __init__(self, entries):
+        self.__dict__.update(entries)
+
+def get_args():
+    entries = json.load(open(sys.argv[sys.argv.index("--name_of_args_json_file") + 1]))
+    entries["use_cuda"] = torch.cuda.is_available()
+    return Bunch(entries), torch.device("cpu")
+'''
+FAKE_SYSTEM = '''
+import torch
+
+class MAMLFewShotClassifier(torch.nn.Module):
+    """The official interface: tasks x classes x samples x C x H x W in, a dict of losses out."""
+    def __init__(self, im_shape, device, args):
+        super().__init__()
+        self.args = args
+
+    def run_train_iter(self, data_batch, epoch, current_iter):
+        support_images, query_images, support_labels, query_labels = data_batch
+        a = self.args
+        assert support_images.shape == (a.batch_size, a.num_classes_per_set, a.num_samples_per_class,
+                                         a.image_channels, a.image_height, a.image_width)
+        assert query_labels.shape == (a.batch_size, a.num_classes_per_set, a.num_target_samples)
+        assert a.second_order is True
+        return {"loss": query_images.mean()}, None
+'''
+
+
+def fake_official_repo(root):
+    """The official code's entry points as bench_official.py calls them, without the official arithmetic."""
+    (root / "utils").mkdir(parents=True)
+    (root / "utils" / "__init__.py").write_text("")
+    (root / "utils" / "parser_utils.py").write_text(FAKE_PARSER)
+    (root / "few_shot_learning_system.py").write_text(FAKE_SYSTEM)
+    return root
+
+
+def test_official_code_is_timed_first_and_every_ratio_is_a_median_over_rounds(tmp_path, capsys):
+    official = fake_official_repo(tmp_path / "official")
+    assert bench_iteration.main(["--configs", "omniglot", "--devices", "cpu", "--threads", "1", "--variants",
+                                 "batched", "--no-dispatch", "--iterations", "1", "--warmup", "0",
+                                 "--official-repo", str(official), "--rounds", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line.get("variant") for line in lines] == ["official", "batched", "official", "batched", None]
+    assert lines[0]["threads"] == 1 and lines[0]["meta_batch"] == 8 and lines[0]["second_order"] is True
+    summary = lines[-1]
+    assert summary["rounds"] == 2
+    ratios = [lines[i]["median_s_per_iter"] / lines[i + 1]["median_s_per_iter"] for i in (0, 2)]
+    assert summary["speedup_batched_vs_official"] == sum(ratios) / 2  # the median of two
+
+
+def test_official_repo_that_is_not_one_is_refused_with_the_clone_command(tmp_path, capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        bench_iteration.main(["--configs", "omniglot", "--official-repo", str(tmp_path)])
+    assert "git clone https://github.com/shlee625/CxGrad" in capsys.readouterr().err
