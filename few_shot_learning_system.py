@@ -25,6 +25,7 @@ from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDesce
 from meta_neural_network_architectures import ContextScalingNetwork, build_backbone
 from utils.backend import resolve_task_batching
 from utils.config import ExperimentConfig
+from utils.cuda_graphs import captured_meta_gradient_for
 from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
 from utils.nonfinite import finiteness_probe, poison_gradients_if_nonfinite
 
@@ -182,6 +183,8 @@ class MAMLFewShotClassifier(nn.Module):
             weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.total_epochs, eta_min=config.min_learning_rate)
+        self.captured_meta_gradient = captured_meta_gradient_for(
+            self, config.cuda_graphs, device, distributed=self.gradient_reducer is not keep_local_gradients)
 
     def _configure_speed(self, config: ExperimentConfig, device: torch.device) -> None:
         """Speed options of this model; none of them changes what is computed, only how (and bf16 how
@@ -206,7 +209,9 @@ class MAMLFewShotClassifier(nn.Module):
             forward = self.compiled_classifier
         if not self.use_bf16:
             return forward(images, params, step)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+        # Autocast's cache of cast weights must not outlive a CUDA graph's capture (PyTorch's rule).
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                            cache_enabled=self.captured_meta_gradient is None):
             logits = forward(images, params, step)
         return logits.float()
 
@@ -290,15 +295,14 @@ class MAMLFewShotClassifier(nn.Module):
             for index in range(task.num_tasks):
                 yield task.select(index)
 
-    def run_train_iter(self, task: TaskBatch, epoch: int) -> dict[str, Any]:
-        """One meta-update on a meta-batch; returns the mean query loss and accuracy (floats), whether the
-        update was skipped because the loss or a gradient was not finite, and with
-        `log_inner_loop_statistics` the inner loop's `InnerLoopStatistics` over all its tasks."""
-        self.train()
-        task = task.to(self.device)
-        weights = self.query_step_weights(epoch)
-        second_order = self.use_second_order(epoch)
-        self.optimizer.zero_grad(set_to_none=True)
+    def meta_gradient(self, task: TaskBatch, weights: np.ndarray,
+                      second_order: bool) -> tuple[Tensor, Tensor, list[InnerLoopStatistics]]:
+        """The device part of a meta-iteration: the inner loops and the meta-backward of the mean query loss.
+
+        Leaves the meta-gradient in each parameter's `.grad` (made non-finite when a loss is) and returns
+        the per-task query losses and accuracies as device tensors, with no host sync: what a CUDA graph
+        captures (utils/cuda_graphs.py).
+        """
         losses, correct, statistics = [], [], []
         for chunk in self._chunks(task):
             result = self.inner_loop(chunk, self.config.number_of_training_steps_per_iter, second_order, weights)
@@ -309,16 +313,33 @@ class MAMLFewShotClassifier(nn.Module):
             if result.statistics is not None:
                 statistics.append(result.statistics)
         all_losses = torch.cat(losses)
-        trained = [p for p in self.parameters() if p.grad is not None]
         # A non-finite loss poisons the gradients, so the reduced gradients alone tell every rank alike
         # whether this update is finite; one NaN/inf step would make every weight and Adam moment NaN for
         # good, so such an update is skipped (utils/nonfinite.py).
-        poison_gradients_if_nonfinite(all_losses, trained)
+        poison_gradients_if_nonfinite(all_losses, [p for p in self.parameters() if p.grad is not None])
+        return all_losses, torch.cat(correct), statistics
+
+    def run_train_iter(self, task: TaskBatch, epoch: int) -> dict[str, Any]:
+        """One meta-update on a meta-batch; returns the mean query loss and accuracy (floats), whether the
+        update was skipped because the loss or a gradient was not finite, and with
+        `log_inner_loop_statistics` the inner loop's `InnerLoopStatistics` over all its tasks."""
+        self.train()
+        weights = self.query_step_weights(epoch)
+        second_order = self.use_second_order(epoch)
+        if self.captured_meta_gradient is not None and not self.config.log_inner_loop_statistics:
+            # Replays write the gradients into the buffers of the capture, so they are never set to None.
+            all_losses, correct = self.captured_meta_gradient((tuple(weights), second_order), task)
+            statistics = []
+        else:
+            task = task.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            all_losses, correct, statistics = self.meta_gradient(task, weights, second_order)
+        trained = [p for p in self.parameters() if p.grad is not None]
         self.gradient_reducer(trained)
         # One host sync per iteration reads the metrics and the finiteness probe (under torchrun the
         # experiment builder adds one small all-reduce of the stop request).
         probe = finiteness_probe(trained).to(all_losses.device)
-        loss, accuracy, probe = torch.stack([all_losses.mean(), torch.cat(correct).mean(), probe]).tolist()
+        loss, accuracy, probe = torch.stack([all_losses.mean(), correct.mean(), probe]).tolist()
         skipped = not math.isfinite(probe)
         if not skipped:
             self.optimizer.step()

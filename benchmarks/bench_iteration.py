@@ -61,6 +61,8 @@ VARIANTS = {
     "batched_uncached": {"task_batching": "batched", "cpu_memory_caching": False},
     "batched_bf16": {"task_batching": "batched", "mixed_precision": True},
     "batched_bf16_channels_last": {"task_batching": "batched", "mixed_precision": True, "channels_last": True},
+    # The batched path with each training iteration captured in a CUDA graph and replayed (CUDA only).
+    "batched_cuda_graphs": {"task_batching": "batched", "cuda_graphs": True},
     # What `deterministic` (the default) costs on CUDA: the batched path with cuDNN autotuning instead.
     "batched_autotuned": {"task_batching": "batched", "deterministic": False, "cudnn_benchmark": True},
     # What log_inner_loop_statistics costs (run it with --variants batched batched_statistics).
@@ -72,7 +74,7 @@ DISPATCH_SHAPES = {"image_height": 16, "image_width": 16, "cnn_num_filters": 4, 
 CPU_VARIANTS = ("loop", "batched")
 # The official CxGrad code's own iteration (benchmarks/bench_official.py), timed with --official-repo.
 OFFICIAL = "official"
-CUDA_VARIANTS = ("loop", "batched", "batched_autotuned", "batched_channels_last", "batched_bf16",
+CUDA_VARIANTS = ("loop", "batched", "batched_cuda_graphs", "batched_autotuned", "batched_channels_last", "batched_bf16",
                  "batched_bf16_channels_last")
 
 

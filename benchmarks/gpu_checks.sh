@@ -8,7 +8,8 @@
 #   3. plain `python train_maml_system.py` twice vs `torchrun --nproc_per_node=1` on a short run: with
 #      `deterministic` (the default) the two plain runs must write identical summary CSVs (time columns
 #      aside) and the same test accuracy; the script prints REPRODUCIBLE or NOT REPRODUCIBLE.
-# Not checked yet: a CUDA-graph-captured meta-iteration (issue 14; not implemented).
+#   4. cuda_graphs: captured against eager meta-iterations (benchmarks/check_cuda_graphs.py), same losses and
+#      weights within float32 rounding, and the speed-up; it prints CUDA GRAPHS MATCH or CUDA GRAPHS DIFFER.
 # Usage: OMNIGLOT_ZIPS=DIR bash benchmarks/gpu_checks.sh OUT_DIR
 # SKIP_BENCH=1 / SKIP_TRAINING=1 leave out part 1 / part 2. A quick dry run of the script on a CPU machine:
 #   DEVICE=cpu SKIP_BENCH=1 EXTRA_ARGS="--total_epochs 1 --total_iter_per_epoch 3 --num_evaluation_tasks 16" \
@@ -59,6 +60,9 @@ grep -h "^epoch" "$out"/omniglot_*.log >> "$out/epochs.txt"
 "$python" utils/plot_experiment.py "$experiments/omniglot_CxGrad_fp32" --compare "$experiments/omniglot_maml_fp32" \
     --out "$out/plots" 2>&1 | tee -a "$summary"
 fi
+
+say "cuda_graphs: captured vs eager meta-iterations"
+timeout 240 "$python" benchmarks/check_cuda_graphs.py --device "$device" 2>&1 | grep -v Warning | tee -a "$summary"
 
 # A second plain run tells whether the GPU repeats a run: with `deterministic` (the default) cuDNN does
 # not autotune and PyTorch's deterministic kernels are used, so plain and plain2 must agree exactly.

@@ -182,6 +182,10 @@ class ExperimentConfig:
     deterministic: bool = _field(
         True, "CUDA: deterministic algorithms where PyTorch has them and no autotuning, so identical runs give "
               "identical results (the CPU always is)")
+    cuda_graphs: bool = _field(
+        False, "CUDA: capture each training iteration's inner loops and meta-backward in a CUDA graph and "
+               "replay it (Adam and the non-finite check stay eager); ignored with a warning on the CPU, "
+               "under torchrun and with compile_backbone")
     cpu_memory_caching: bool = _field(
         True, "CPU: keep freed memory in the process instead of returning it to the OS after every "
               "operation, so large tensors are not page-faulted in again (glibc; faster at 84x84, a higher "
