@@ -152,7 +152,7 @@ class MAMLFewShotClassifier(nn.Module):
     """Backbone, inner-loop rule, optional CxGrad scaling, and the outer Adam optimiser."""
 
     def __init__(self, config: ExperimentConfig, device: torch.device,
-                 gradient_reducer: Callable[[Iterable[nn.Parameter]], None] = None):
+                 gradient_reducer: Optional[Callable[[Iterable[nn.Parameter]], None]] = None):
         super().__init__()
         self.config = config
         self.device = device

@@ -46,6 +46,7 @@ def test_configure_backend_sets_cuda_determinism(monkeypatch):
         configure_backend(load_config(overrides={"deterministic": False, "cudnn_benchmark": True}),
                           torch.device("cuda"))
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()  # a deterministic run before does not linger
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
