@@ -43,11 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CONFIGS = {
-    "omniglot": REPO / "experiment_config/omniglot_5way_1shot/CxGrad_4conv.json",
-    "mini_imagenet": REPO / "experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json",
-    "resnet12": REPO / "experiment_config/mini_imagenet_5way_1shot/CxGrad_resnet12.yaml",
-}
+from benchmarks.configs import CONFIGS  # noqa: E402
 # The meta-gradient orders each setting times by default (`--orders` overrides them).
 DEFAULT_ORDERS = {"omniglot": ("second",), "mini_imagenet": ("second",), "resnet12": ("second", "first")}
 # name -> config overrides. The CUDA-only variants add this repo's GPU options to the batched path.

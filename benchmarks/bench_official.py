@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.bench_iteration import CONFIGS  # noqa: E402  (a light module: no torch, none of ours)
+from benchmarks.configs import CONFIGS  # noqa: E402  (a light module: no torch, none of ours)
 
 
 def official_args(official_repo: Path, config_path: Path, order: str):

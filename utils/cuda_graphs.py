@@ -24,13 +24,19 @@ running statistics and CxGrad's context starts from the same zeros for every tas
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Hashable, Iterable, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data import TaskBatch
+
+class TaskBatch(Protocol):
+    """What this module needs of data.TaskBatch (a layer above utils/): its four tensors, in this order."""
+    support_images: Tensor
+    support_labels: Tensor
+    query_images: Tensor
+    query_labels: Tensor
 
 # Eager iterations on a side stream before a capture, as PyTorch asks (cuBLAS handles, autograd's
 # device threads and the caching allocator settle there, not inside the graph).
@@ -103,7 +109,7 @@ class CapturedMetaGradient:
     def _capture(self, key: Hashable, task: TaskBatch) -> None:
         # Free the old graph (and its memory pool) before recording the next one.
         self.graph, self.static_outputs, self.gradients, self.key = None, (), [], None
-        self.static_task = TaskBatch(*(tensor.to(self.device, copy=True) for tensor in _tensors(task)))
+        self.static_task = type(task)(*(tensor.to(self.device, copy=True) for tensor in _tensors(task)))
         graph = self.graph_factory()
 
         def iteration() -> tuple[Tensor, ...]:
