@@ -15,6 +15,19 @@ from meta_neural_network_architectures import max_pool_2x2
 REPO = Path(__file__).resolve().parents[1]
 
 
+def value_and_derivatives(forward, x, upstream):
+    """forward(x), the gradient of a loss on it, and the gradient of a function of that gradient.
+
+    The gradient depends on the input (through the squared output), so the second backward runs
+    through the first backward itself, as a second-order meta-gradient does.
+    """
+    leaf = x.clone().requires_grad_()
+    out = forward(leaf)
+    (grad,) = torch.autograd.grad((out.square() * upstream).sum(), leaf, create_graph=True)
+    (second,) = torch.autograd.grad((grad * x).square().sum(), leaf)
+    return out, grad, second
+
+
 @pytest.mark.parametrize("size", [8, 21])  # 21: an odd size, whose last row and column are dropped
 @pytest.mark.parametrize("ties", [False, True])
 def test_max_pool_matches_aten_in_values_gradients_and_second_order(size, ties):
@@ -25,16 +38,8 @@ def test_max_pool_matches_aten_in_values_gradients_and_second_order(size, ties):
         x = torch.randn(3, 4, size, size, generator=generator, dtype=torch.float64)
     upstream = torch.randn(3, 4, size // 2, size // 2, generator=generator, dtype=torch.float64)
 
-    def grads(pool):
-        leaf = x.clone().requires_grad_()
-        out = pool(leaf)
-        # The gradient depends on the input (through the squared output), so the second backward runs
-        # through the max-pool backward itself, as a second-order meta-gradient does.
-        (grad,) = torch.autograd.grad((out.square() * upstream).sum(), leaf, create_graph=True)
-        (second,) = torch.autograd.grad((grad * x).square().sum(), leaf)
-        return out, grad, second
-
-    ours, reference = grads(max_pool_2x2), grads(lambda t: F.max_pool2d(t, 2, 2))
+    ours = value_and_derivatives(max_pool_2x2, x, upstream)
+    reference = value_and_derivatives(lambda t: F.max_pool2d(t, 2, 2), x, upstream)
     for mine, theirs in zip(ours, reference):
         assert torch.equal(mine, theirs)
     assert ours[0].is_contiguous()  # what the next convolution expects
@@ -111,14 +116,7 @@ def test_activating_the_pooled_map_equals_pooling_the_activated_one(activation):
     x = torch.randn(4, 6, 11, 11, generator=generator, dtype=torch.float64)
     upstream = torch.randn(4, 6, 5, 5, generator=generator, dtype=torch.float64)
 
-    def grads(forward):
-        leaf = x.clone().requires_grad_()
-        out = forward(leaf)
-        (grad,) = torch.autograd.grad((out.square() * upstream).sum(), leaf, create_graph=True)
-        (second,) = torch.autograd.grad((grad * x).square().sum(), leaf)
-        return out, grad, second
-
-    ours = grads(lambda t: pooled_activation(t, act))
-    official_order = grads(lambda t: F.max_pool2d(act(t), 2, 2))
+    ours = value_and_derivatives(lambda t: pooled_activation(t, act), x, upstream)
+    official_order = value_and_derivatives(lambda t: F.max_pool2d(act(t), 2, 2), x, upstream)
     for mine, theirs in zip(ours, official_order):
         assert torch.equal(mine, theirs)
