@@ -235,7 +235,8 @@ def dispatch_bounds(results: dict, dispatch: dict, base_name: str, device_name: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["omniglot", "mini_imagenet"],
+                        help="default: the two 4-CONV configs (resnet12 takes minutes per iteration on a CPU)")
     parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=None,
                         help="default: cpu, and cuda when PyTorch sees a GPU")
     parser.add_argument("--iterations", type=int, default=10, help="timed iterations per setting (median reported)")
