@@ -52,6 +52,8 @@ VARIANTS = {
     "loop": {"task_batching": "loop"},
     "batched": {"task_batching": "batched"},
     "batched_channels_last": {"task_batching": "batched", "channels_last": True},
+    # The whole network in channels-last on the CPU (slower: BatchNorm's reductions, docs/PERFORMANCE.md).
+    "loop_channels_last": {"task_batching": "loop", "channels_last": True},
     # What cpu_memory_caching (on by default) gains on the CPU.
     "loop_uncached": {"task_batching": "loop", "cpu_memory_caching": False},
     "batched_uncached": {"task_batching": "batched", "cpu_memory_caching": False},

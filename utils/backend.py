@@ -11,8 +11,8 @@ import ctypes.util
 import os
 
 # PyTorch backs CPU tensors of 2 MB and more with transparent huge pages when this is set, so a new
-# large tensor takes one page fault per 2 MB instead of one per 4 KB (a fresh 108 MB tensor: 400 faults
-# instead of 26,000, 16 ms instead of 40 ms for a multiply on a 2-core Xeon). PyTorch reads it at its
+# large tensor takes one page fault per 2 MB instead of one per 4 KB (a fresh 102 MB tensor: hundreds
+# of faults instead of 26,000; `benchmarks/bench_cpu_ops.py`). PyTorch reads it at its
 # first allocation, so it is set here, on import, before any entry point allocates; a user's setting wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

@@ -17,8 +17,8 @@ A graph bakes in the Python values it was recorded with (the multi-step-loss wei
 derivative order, the shapes), so it is keyed on them and recorded anew when they change.
 
 The replay writes into the buffers of the capture: the task is copied into static tensors, and the
-gradients land in the `.grad` tensors the capture allocated (so nothing may set them to None between
-replays). Nothing else an iteration reads changes between replays: the backbone keeps no BatchNorm
+gradients land in the `.grad` tensors the capture allocated (each replay first puts them back on the
+parameters, in case an eager iteration replaced them). Nothing else an iteration reads changes between replays: the backbone keeps no BatchNorm
 running statistics and CxGrad's context starts from the same zeros for every task.
 """
 from __future__ import annotations
