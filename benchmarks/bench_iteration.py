@@ -6,7 +6,7 @@
         --iterations 3 --warmup 1                             # ResNet-12, first and second order
 
 Settings (the published CxGrad configs of this repo; second order, and first order too for resnet12):
-    omniglot       experiment_config/omniglot_5way_1shot/CxGrad_4conv.json       28x28x1, 64 filters, meta-batch 8
+    omniglot       experiment_config/omniglot_5way_1shot/CxGrad_4conv.yaml       28x28x1, 64 filters, meta-batch 8
     mini_imagenet  experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json  84x84x3, 48 filters, meta-batch 4,
                                                                                   15 queries per class
     resnet12       experiment_config/mini_imagenet_5way_1shot/CxGrad_resnet12.yaml  the same with ResNet-12

@@ -26,6 +26,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def official_args(official_repo: Path, config_path: Path, order: str):
     """The official parser's arguments for `config_path`, as its train_maml_system.py would read them."""
     saved_argv = sys.argv
     os.environ.setdefault("DATASET_DIR", str(official_repo))
+    json_copy = None
+    if config_path.suffix != ".json":  # the official parser reads JSON only: hand it the YAML's keys as JSON
+        import yaml
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as json_copy:
+            json.dump(yaml.safe_load(config_path.read_text()), json_copy)
+        config_path = Path(json_copy.name)
     sys.argv = ["train_maml_system.py", "--name_of_args_json_file", str(config_path)]
     try:
         from utils.parser_utils import get_args  # the official utils/, first on sys.path
@@ -45,6 +52,8 @@ def official_args(official_repo: Path, config_path: Path, order: str):
             args, device = get_args()
     finally:
         sys.argv = saved_argv
+        if json_copy is not None:
+            os.unlink(json_copy.name)
     args.second_order = order == "second"
     return args, device
 

@@ -54,7 +54,11 @@ def test_every_shipped_config_loads():
     for dataset in ("omniglot_5way_1shot", "omniglot_20way_5shot", "mini_imagenet_5way_1shot",
                     "tiered_imagenet_5way_5shot", "CIFAR_FS_5way_1shot", "CUB_5way_5shot"):
         for method in ("CxGrad_4conv", "maml_4conv", "maml++_4conv"):
-            assert (REPO / "experiment_config" / dataset / f"{method}.json").exists()
+            # Omniglot's CxGrad config departs from the published settings, so it is YAML with a header.
+            suffix = ".yaml" if (dataset.startswith("omniglot"), method) == (True, "CxGrad_4conv") else ".json"
+            assert (REPO / "experiment_config" / dataset / f"{method}{suffix}").exists()
+            assert not (REPO / "experiment_config" / dataset / f"{method}{'.json' if suffix == '.yaml' else '.yaml'}"
+                        ).exists()  # one file per method
     published = load_config(REPO / "experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json")
     assert (published.batch_size, published.cnn_num_filters, published.num_target_samples) == (4, 48, 15)
     assert (published.init_inner_loop_learning_rate, published.meta_learning_rate) == (0.01, 0.001)
@@ -89,12 +93,25 @@ def test_shipped_configs_pin_the_input_scaling_per_dataset():
 
 
 def test_generated_configs_are_up_to_date():
-    """The JSON configs are what generate_configs.py writes: python experiment_config/generate_configs.py."""
+    """The configs are what generate_configs.py writes, to the byte: python experiment_config/generate_configs.py."""
     generate_configs = importlib.import_module("experiment_config.generate_configs")
-    for dataset, ways, shots in generate_configs.SETTINGS:
-        for method in generate_configs.METHODS:
-            path = REPO / "experiment_config" / f"{dataset}_{ways}way_{shots}shot" / f"{method}.json"
-            assert json.loads(path.read_text()) == generate_configs.config_for(dataset, ways, shots, method), path
+    files = dict(generate_configs.shipped_files())
+    assert len(files) == 3 * (len(generate_configs.SETTINGS) + len(generate_configs.RESNET12_SETTINGS))
+    for path, text in files.items():
+        assert path.is_file() and path.read_text() == text, f"{path} is stale: run experiment_config/generate_configs.py"
+
+
+def test_omniglot_cxgrad_configs_say_why_they_depart():
+    """Omniglot's CxGrad configs are MAML++'s Omniglot settings but first order, and their header says so."""
+    for setting in ("5way_1shot", "5way_5shot", "20way_1shot", "20way_5shot"):
+        folder = REPO / "experiment_config" / f"omniglot_{setting}"
+        cxgrad, maml = load_config(folder / "CxGrad_4conv.yaml"), load_config(folder / "maml_4conv.json")
+        differing = {key for key, value in cxgrad.to_dict().items() if value != getattr(maml, key)}
+        assert differing == {"experiment_name", "contextual_grad", "second_order"}, setting
+        assert maml.second_order and not cxgrad.second_order
+        header = [line for line in (folder / "CxGrad_4conv.yaml").read_text().splitlines() if line.startswith("#")]
+        assert any("first-order meta-gradients (second_order: false)" in line for line in header)
+        assert any("Why:" in line for line in header)
 
 
 def test_yaml_and_command_line_overrides(tmp_path):
@@ -137,6 +154,9 @@ def test_config_errors_name_the_key(overrides, message):
 def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.json")
+    (tmp_path / "moved.yaml").write_text("batch_size: 2\n")  # a config shipped as YAML, asked for as JSON
+    with pytest.raises(ConfigError, match="moved.json does not exist; did you mean .*moved.yaml"):
+        load_config(tmp_path / "moved.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     with pytest.raises(ConfigError, match="broken.json is not valid JSON"):

@@ -399,7 +399,12 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any], source: str
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (configs live in experiment_config/)")
+        # A shipped config that departs from published settings is YAML, so that a header can say why
+        # (experiment_config/generate_configs.py): name it when the JSON of the same name was asked for.
+        siblings = [path.with_suffix(suffix) for suffix in (".json", ".yaml", ".yml") if suffix != path.suffix]
+        existing = [sibling for sibling in siblings if sibling.is_file()]
+        hint = f"; did you mean {existing[0]}?" if existing else " (configs live in experiment_config/)"
+        raise ConfigError(f"config file {path} does not exist{hint}")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
