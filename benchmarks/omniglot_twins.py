@@ -15,7 +15,8 @@ options after `--` go to every run (e.g. `-- --cnn_num_filters 32`).
 
 Prints one JSON line per run (validation accuracy per epoch, seconds per epoch, the ensemble test) and a
 markdown table with, per setting, CxGrad's validation accuracy at the budget minus MAML's. Exits 1 when
-a CxGrad config is behind its MAML twin, 2 when a run failed (its log is OUT/NAME.log).
+a CxGrad config is behind its MAML twin, 2 when a run failed (its log is OUT/NAME.log). SIGTERM or
+Ctrl-C stops every run at a resumable checkpoint (exit 75): under `timeout`, rerun to continue.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +36,7 @@ from typing import Optional
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+INTERRUPTED = 75  # train_maml_system.py's exit code after a signal: resumable
 SETTINGS = ("5way_1shot", "5way_5shot", "20way_1shot", "20way_5shot")
 METHODS = ("CxGrad", "maml", "maml++")
 
@@ -55,6 +59,33 @@ def iterations_per_epoch(path: Path, overrides: list[str]) -> int:
 def epoch_rows(folder: Path) -> list[dict]:
     path = folder / "logs" / "summary_statistics.csv"
     return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+CHILDREN: set[subprocess.Popen] = set()  # the trainings running now, stopped with this process
+STOPPING = threading.Event()
+
+
+def run_child(command: list[str], log, env: dict) -> int:
+    """Run one training or test; none starts once this process has been told to stop."""
+    if STOPPING.is_set():
+        return INTERRUPTED
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    CHILDREN.add(child)
+    if STOPPING.is_set():  # the signal came while it started
+        child.send_signal(signal.SIGTERM)
+    try:
+        return child.wait()
+    finally:
+        CHILDREN.discard(child)
+
+
+def stop_children(signal_number, frame) -> None:
+    """SIGTERM or SIGINT (`timeout`, a batch system, Ctrl-C): pass it on. Each training then saves a
+    resumable checkpoint after its current meta-iteration and exits, so a rerun continues where it stopped,
+    and no training outlives this process (on a shared GPU, holding its memory)."""
+    STOPPING.set()
+    for child in list(CHILDREN):
+        child.send_signal(signal.SIGTERM)
 
 
 class Run:
@@ -82,18 +113,18 @@ class Run:
             done = len(epoch_rows(self.folder))
             if done < self.epochs:  # a pause counts the epochs of this invocation, so ask for what is missing
                 started = time.perf_counter()
-                result = subprocess.run(self.command("--total_epochs_before_pause", str(self.epochs - done)),
-                                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-                if result.returncode != 0:
-                    return f"training exited {result.returncode}"
+                code = run_child(self.command("--total_epochs_before_pause", str(self.epochs - done)), log, env)
+                if code == INTERRUPTED and STOPPING.is_set():
+                    return "stopped at a resumable checkpoint"
+                if code != 0:
+                    return f"training exited {code}"
                 print(f"{self.name}: trained {self.epochs - done} epochs in {time.perf_counter() - started:.0f} s",
                       file=sys.stderr, flush=True)
             summary, statistics = self.folder / "test_summary.json", self.folder / "logs" / "summary_statistics.csv"
             if self.args.test and not (summary.is_file() and summary.stat().st_mtime >= statistics.stat().st_mtime):
-                result = subprocess.run(self.command("--evaluate_on_test_set_only", "true"),
-                                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-                if result.returncode != 0:
-                    return f"the ensemble test exited {result.returncode}"
+                code = run_child(self.command("--evaluate_on_test_set_only", "true"), log, env)
+                if code != 0:
+                    return f"the ensemble test exited {code}"
         return None
 
     def result(self) -> dict:
@@ -147,6 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.overrides, args.out = overrides, args.out.resolve()
     runs = [Run(setting, method, args) for setting in args.settings for method in args.methods]
     args.out.mkdir(parents=True, exist_ok=True)
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, stop_children)
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         problems = dict(zip((run.name for run in runs), pool.map(Run.execute, runs)))
     results = [run.result() for run in runs]
@@ -157,6 +190,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = {name: problem for name, problem in problems.items() if problem}
     for name, problem in failed.items():
         print(f"{name}: {problem}; see {args.out / (name + '.log')}", file=sys.stderr)
+    if STOPPING.is_set():
+        print("stopped by a signal: rerun the same command to continue", file=sys.stderr)
+        return INTERRUPTED
     return 2 if failed else 1 if behind else 0
 
 

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +67,34 @@ def test_twins_train_to_the_budget_test_and_resume(toy_datasets, tmp_path, capsy
     log = (out / "omniglot_5way_1shot_maml.log").read_text()
     assert log.count("Training from epoch 0") == 1 and log.count("Training from epoch 2") == 1
     assert log.count("Ensemble of") == 2
+
+
+def test_sigterm_stops_every_run_resumably(toy_datasets, tmp_path):
+    """Under `timeout` (SIGTERM), the trainings stop at a checkpoint with the benchmark; a rerun continues."""
+    settings = tiny_overrides(toy_datasets, tmp_path, total_iter_per_epoch=400, num_evaluation_tasks=4)
+    del settings["experiment_name"], settings["experiments_dir"]
+    settings["dataset_path"] = "toy"
+    out = tmp_path / "twins"
+    command = [sys.executable, str(Path(omniglot_twins.__file__)), "--settings", "5way_1shot", "--methods", "CxGrad",
+               "maml", "--iterations", "400", "--no-test", "--out", str(out), "--",
+               *[item for key, value in settings.items() for item in (f"--{key}", str(value))]]
+    logs = [out / f"omniglot_5way_1shot_{method}.log" for method in ("CxGrad", "maml")]
+    benchmark = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all(log.is_file() and "Training from epoch 0" in log.read_text() for log in logs):
+        assert benchmark.poll() is None and time.monotonic() < deadline, benchmark.communicate()
+        time.sleep(0.2)
+    benchmark.send_signal(signal.SIGTERM)
+    _, errors = benchmark.communicate(timeout=120)
+    assert benchmark.returncode == 75, errors
+    assert "rerun the same command to continue" in errors
+    for log in logs:  # each training saved where it was and exited; none is left running
+        assert "stopped by SIGTERM" in log.read_text(), log.read_text()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode in (0, 1), rerun.stderr
+    for log in logs:
+        assert "Training from epoch 0, iteration 0" in log.read_text()
+        resumed = log.read_text().split("stopped by SIGTERM")[1]
+        assert "Training from epoch 0, iteration " in resumed and "iteration 0;" not in resumed
+    lines = [json.loads(line) for line in rerun.stdout.splitlines() if line.startswith("{")]
+    assert [(line["epochs"], line["iterations"]) for line in lines] == [(1, 400), (1, 400)]
