@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack, closing
 import os
 import sys
 
@@ -25,9 +26,13 @@ from utils.config import load_config
 
 def gradients(overrides_json: str, output: str) -> None:
     config = load_config(overrides=json.loads(overrides_json))
-    with distributed.session(torch.device("cpu"), timeout_s=60) as context:
+    with distributed.session(torch.device("cpu"), timeout_s=60) as context, ExitStack() as stack:
         builder = ExperimentBuilder(config, context)
         provider = FewShotDataProvider(config, splits=("train",), first_train_task=context.rank * config.batch_size)
+        # Its batch-preparing threads end here, as in training: left running into the interpreter's exit,
+        # one of them inside a torch operation can abort the rank ("terminate called without an active
+        # exception", seen once in CI).
+        stack.enter_context(closing(provider))
         model = builder.model
         average_gradients = model.gradient_reducer  # what the builder installed
         reduced = {}
