@@ -21,7 +21,6 @@ Ctrl-C stops every run at a resumable checkpoint (exit 75): under `timeout`, rer
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -33,9 +32,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as `python benchmarks/omniglot_twins.py`: make the project importable
+    sys.path.insert(0, str(REPO))
+
+from utils.config import parse_command_line  # noqa: E402
+from utils.experiment_paths import ExperimentPaths  # noqa: E402
+from utils.summarize_results import read_epoch_rows, read_summary  # noqa: E402
+
 INTERRUPTED = 75  # train_maml_system.py's exit code after a signal: resumable
 SETTINGS = ("5way_1shot", "5way_5shot", "20way_1shot", "20way_5shot")
 METHODS = ("CxGrad", "maml", "maml++")
@@ -47,18 +51,6 @@ def config_path(setting: str, method: str) -> Path:
         if (folder / f"{method}_4conv{suffix}").is_file():
             return folder / f"{method}_4conv{suffix}"
     raise SystemExit(f"no {method}_4conv config in {folder}: run python experiment_config/generate_configs.py")
-
-
-def iterations_per_epoch(path: Path, overrides: list[str]) -> int:
-    values = yaml.safe_load(path.read_text())  # JSON is YAML
-    if "--total_iter_per_epoch" in overrides:
-        return int(overrides[overrides.index("--total_iter_per_epoch") + 1])
-    return int(values["total_iter_per_epoch"])
-
-
-def epoch_rows(folder: Path) -> list[dict]:
-    path = folder / "logs" / "summary_statistics.csv"
-    return list(csv.DictReader(path.open())) if path.is_file() else []
 
 
 CHILDREN: set[subprocess.Popen] = set()  # the trainings running now, stopped with this process
@@ -94,7 +86,9 @@ class Run:
         self.config = config_path(setting, method)
         self.name = f"omniglot_{setting}_{method}"
         self.folder = args.out / self.name
-        per_epoch = iterations_per_epoch(self.config, args.overrides)
+        self.paths = ExperimentPaths(self.folder)
+        # The config as training will read it (so a bad override is refused now, not in a subprocess).
+        per_epoch = parse_command_line(["--name_of_args_json_file", str(self.config), *args.overrides]).total_iter_per_epoch
         if args.iterations % per_epoch:
             raise SystemExit(f"--iterations {args.iterations} is not a whole number of {self.config.name}'s epochs "
                              f"({per_epoch} meta-iterations each): pick a multiple of {per_epoch}")
@@ -110,7 +104,7 @@ class Run:
         """Train what is missing of the budget, then test; None, or what went wrong."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads), MKL_NUM_THREADS=str(self.args.threads))
         with self.log.open("a") as log:
-            done = len(epoch_rows(self.folder))
+            done = len(read_epoch_rows(self.folder))
             if done < self.epochs:  # a pause counts the epochs of this invocation, so ask for what is missing
                 started = time.perf_counter()
                 code = run_child(self.command("--total_epochs_before_pause", str(self.epochs - done)), log, env)
@@ -120,7 +114,7 @@ class Run:
                     return f"training exited {code}"
                 print(f"{self.name}: trained {self.epochs - done} epochs in {time.perf_counter() - started:.0f} s",
                       file=sys.stderr, flush=True)
-            summary, statistics = self.folder / "test_summary.json", self.folder / "logs" / "summary_statistics.csv"
+            summary, statistics = self.paths.test_summary(), self.paths.summary_statistics
             if self.args.test and not (summary.is_file() and summary.stat().st_mtime >= statistics.stat().st_mtime):
                 code = run_child(self.command("--evaluate_on_test_set_only", "true"), log, env)
                 if code != 0:
@@ -128,14 +122,13 @@ class Run:
         return None
 
     def result(self) -> dict:
-        rows = epoch_rows(self.folder)[:self.epochs]
+        rows = read_epoch_rows(self.folder)[:self.epochs]
         line = {"setting": self.setting, "method": self.method, "config": str(self.config.relative_to(REPO)),
                 "epochs": len(rows), "iterations": self.args.iterations if len(rows) == self.epochs else None,
-                "val_accuracy": [round(float(row["val_accuracy_mean"]), 4) for row in rows],
-                "epoch_time_s": [round(float(row["epoch_time_s"]), 1) for row in rows]}
-        summary = self.folder / "test_summary.json"
-        if summary.is_file():
-            test = json.loads(summary.read_text())
+                "val_accuracy": [round(row["val_accuracy_mean"], 4) for row in rows],
+                "epoch_time_s": [round(row["epoch_time_s"], 1) for row in rows]}
+        if self.paths.test_summary().is_file():
+            test = read_summary(self.paths.test_summary())
             line.update(ensemble_test_accuracy=round(test["ensemble_test_accuracy"], 4),
                         ensemble_test_confidence_95=round(test["ensemble_test_confidence_95"], 4))
         return line

@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack, closing
 import os
 import sys
+from contextlib import ExitStack, closing
 
 import torch
 
