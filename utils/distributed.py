@@ -147,8 +147,23 @@ class DistributedContext:
         return gathered
 
     def stop(self) -> None:
-        if self.initialized and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the process group; rank 0, whose process hosts the rendezvous store, goes last.
+
+        A rank whose gloo threads still talk to the store after rank 0's process has gone can abort at exit
+        ("terminate called without an active exception"), so each other rank says through the store when
+        it has left, and rank 0 waits for that (up to a few seconds: a rank that died says nothing).
+        """
+        if not (self.initialized and dist.is_initialized()):
+            return
+        store = dist.distributed_c10d._get_default_store()
+        dist.destroy_process_group()
+        try:
+            if self.is_main:
+                store.wait([f"left/{rank}" for rank in range(1, self.world_size)], timedelta(seconds=10))
+            else:
+                store.set(f"left/{self.rank}", "1")
+        except RuntimeError:  # a rank that died, or rank 0 gone already: nothing left to wait for
+            pass
 
 
 def launched_by_torchrun() -> bool:
