@@ -63,12 +63,13 @@ def per_task_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 class ContextualGradientScaling(nn.Module):
     """CxGrad (CXGRAD.md): task context phi -> gamma = g(phi); theta_l <- gamma_l * theta_l / ||theta_l||_F.
 
-    Because BatchNorm follows every conv, fixing a weight's norm at gamma_l leaves the loss unchanged
-    but scales that layer's inner-loop gradient by ||theta_l|| / gamma_l, task by task.
+    Because BatchNorm follows every conv, fixing a conv weight's norm at gamma_l leaves the loss
+    unchanged but scales that layer's inner-loop gradient by ||theta_l|| / gamma_l, task by task.
 
     As in the official code, every inner-loop tensor but the head is rescaled, one gamma each: the conv
     weights, and also the conv biases with `use_bias` and the BatchNorm shift and scale with
-    `enable_inner_loop_optimizable_bn_params`.
+    `enable_inner_loop_optimizable_bn_params`. A conv bias is cancelled by the BatchNorm after it, but
+    the BatchNorm scale and shift are not scale-invariant: rescaling them changes the function too.
     """
 
     # A tensor of norm zero (a conv bias or BatchNorm shift at initialisation) has no direction to

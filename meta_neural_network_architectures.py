@@ -20,6 +20,7 @@ order) and a ``conv_weight_names``; `build_backbone` picks one by the config's `
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -340,6 +341,10 @@ def build_backbone(config: "ExperimentConfig") -> _FunctionalBackbone:
     # Inner-loop BatchNorm parameters are one row for all steps, as in the official code (there the
     # inner-loop switch replaces the per-step rows by a single [C] scale and shift).
     per_step_rows = config.per_step_bn_statistics and not config.enable_inner_loop_optimizable_bn_params
+    if config.per_step_bn_statistics and config.enable_inner_loop_optimizable_bn_params:
+        warnings.warn("per_step_bn_statistics has no effect with enable_inner_loop_optimizable_bn_params: the "
+                      "BatchNorm scale and shift adapted in the inner loop are one row for all steps, as in the "
+                      "official code; set one of the two to false to silence this")
     common = dict(
         image_shape=config.image_shape, num_classes=config.num_classes_per_set, use_bias=config.use_bias,
         bn_steps=config.number_of_training_steps_per_iter if per_step_rows else 1,

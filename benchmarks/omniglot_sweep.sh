@@ -22,10 +22,16 @@ declare -A CANDIDATES=(
                         --learnable_per_layer_per_step_inner_loop_learning_rate true --per_step_bn_statistics true"
     [cx_inner_lr_0.05]="--init_inner_loop_learning_rate 0.05"
     [cx_64_filters]="--cnn_num_filters 64"
+    [cx_second_order]="--second_order true"
+    [cx_1_query]="--num_target_samples 1"
+    [cx_meta_batch_4]="--batch_size 4"
+    [cx_meta_lr_0.001]="--meta_learning_rate 0.001"
+    [cx_context_lr_0.1]="--context_params_learning_rate 0.1"
     [maml_twin]="--contextual_grad false"
 )
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(cx_baseline maml_twin cx_lslr_bnwb cx_msl_lslr_bnwb cx_inner_lr_0.05 cx_64_filters)
+[ ${#names[@]} -gt 0 ] || names=(cx_baseline maml_twin cx_lslr_bnwb cx_msl_lslr_bnwb cx_inner_lr_0.05 cx_64_filters cx_second_order
+                                cx_1_query cx_meta_batch_4 cx_meta_lr_0.001 cx_context_lr_0.1)
 for name in "${names[@]}"; do
     [ -n "${CANDIDATES[$name]+set}" ] || { echo "unknown candidate '$name'; known: ${!CANDIDATES[*]}" >&2; exit 2; }
 done

@@ -94,6 +94,11 @@ class Run:
                              f"({per_epoch} meta-iterations each): pick a multiple of {per_epoch}")
         self.epochs = args.iterations // per_epoch
         self.log = args.out / f"{self.name}.log"
+        trained = len(read_epoch_rows(self.folder))
+        if trained > self.epochs:  # its ensemble test would pick among epochs past the budget
+            raise SystemExit(f"{self.folder} holds {trained} trained epochs, more than the {self.epochs} of "
+                             f"--iterations {args.iterations}, and its ensemble test would choose among all of them: "
+                             f"give another --out, or --iterations {trained * per_epoch}")
 
     def command(self, *extra: str) -> list[str]:
         return [sys.executable, str(REPO / "train_maml_system.py"), "--name_of_args_json_file", str(self.config),

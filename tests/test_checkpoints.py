@@ -15,7 +15,8 @@ import torch
 
 from few_shot_learning_system import MAMLFewShotClassifier
 from utils.checkpoints import CheckpointError, CheckpointStore
-from utils.config import ARCHITECTURE_KEYS, FIELDS, ConfigError, ExperimentConfig, build_config, default_of
+from utils.config import (ARCHITECTURE_KEYS, FIELDS, ConfigError, ExperimentConfig, apply_overrides, build_config,
+                          default_of)
 from utils.experiment_paths import ExperimentPaths
 
 # Keys that change what the saved tensors mean without changing their shapes: the shape comparison
@@ -104,11 +105,24 @@ def test_the_architecture_check_names_every_differing_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"differing keys: cnn_num_filters \(checkpoint: 48, now: 8\); "
                                               r"contextual_grad \(checkpoint: True, now: False\)\. Use the config "
                                               rf"it was trained with \(saved in {tmp_path / 'config.yaml'}; these "
-                                              r"options restore it: --cnn_num_filters 48 --contextual_grad True\)"):
+                                              r"options restore it: --cnn_num_filters 48 --contextual_grad true\)"):
         store.check_architecture(checkpoint_with(contextual_grad=True), tmp_path / "a")
     # Other keys (the schedule, the inner learning rate, ...) may change on a resume.
     store.check_architecture(checkpoint_with(cnn_num_filters=8, total_epochs=7, meta_learning_rate=0.1),
                              tmp_path / "a")
+
+
+def test_the_options_the_architecture_check_prints_restore_the_saved_architecture(tmp_path):
+    saved = dict(resnet_widths=[32, 64, 128, 256], contextual_grad=True, leaky_relu_slope=0.1, cnn_num_filters=16)
+    now = build_config({"leaky_relu_slope": None})
+    with pytest.raises(CheckpointError) as refusal:
+        CheckpointStore(ExperimentPaths(tmp_path), now).check_architecture(checkpoint_with(**saved), tmp_path / "a")
+    options = str(refusal.value).split("these options restore it: ")[1].split(")")[0].split()
+    assert "--resnet_widths" in options and "32,64,128,256" in options  # as the command line spells a list
+    overrides = dict(zip(options[0::2], options[1::2]))
+    restored = build_config(apply_overrides(now.to_dict(), {key[2:]: value for key, value in overrides.items()},
+                                            "the command line"))
+    CheckpointStore(ExperimentPaths(tmp_path), restored).check_architecture(checkpoint_with(**saved), tmp_path / "a")
 
 
 def test_a_checkpoint_from_before_a_key_counts_as_trained_with_its_value_then(tmp_path):

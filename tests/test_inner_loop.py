@@ -183,7 +183,7 @@ def randomly_scaled_copies(system, tasks: int) -> dict:
 RESCALED_SETS = {
     "default": ({}, [f"layer{s}.conv.weight" for s in range(STAGES)]),
     "use_bias": ({"use_bias": True}, [f"layer{s}.conv.{k}" for s in range(STAGES) for k in ("weight", "bias")]),
-    "inner_loop_bn": ({"enable_inner_loop_optimizable_bn_params": True, "per_step_bn_statistics": True},
+    "inner_loop_bn": ({"enable_inner_loop_optimizable_bn_params": True},
                       [f"layer{s}.{k}" for s in range(STAGES) for k in ("conv.weight", "norm.bias", "norm.weight")]),
 }
 
@@ -209,9 +209,12 @@ def test_rescaled_backbone_tensors_have_norm_gamma_and_head_is_untouched(setting
 
 
 def test_inner_loop_batch_norm_parameters_are_one_row_for_all_steps():
-    """As in the official code: adapting BatchNorm in the inner loop replaces the per-step rows by one."""
-    system = make_system(contextual_grad=True, enable_inner_loop_optimizable_bn_params=True,
-                         per_step_bn_statistics=True)
+    """As in the official code: adapting BatchNorm in the inner loop replaces the per-step rows by one,
+    and the run says that per_step_bn_statistics is then ignored."""
+    with pytest.warns(UserWarning, match="per_step_bn_statistics has no effect with "
+                                         "enable_inner_loop_optimizable_bn_params"):
+        system = make_system(contextual_grad=True, enable_inner_loop_optimizable_bn_params=True,
+                             per_step_bn_statistics=True)
     assert system.classifier.layer0.norm.weight.shape == (1, FILTERS)
 
 

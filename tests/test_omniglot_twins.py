@@ -68,6 +68,11 @@ def test_twins_train_to_the_budget_test_and_resume(toy_datasets, tmp_path, capsy
     assert log.count("Training from epoch 0") == 1 and log.count("Training from epoch 2") == 1
     assert log.count("Ensemble of") == 2
 
+    # A smaller budget than the folders hold is refused: their tests chose among all 3 epochs.
+    with pytest.raises(SystemExit, match=r"omniglot_5way_1shot_CxGrad holds 3 trained epochs, more than the 2 of "
+                                         r"--iterations 6.*give another --out, or --iterations 9"):
+        omniglot_twins.main(["--iterations", "6", *common])
+
 
 def test_sigterm_stops_every_run_resumably(toy_datasets, tmp_path):
     """Under `timeout` (SIGTERM), the trainings stop at a checkpoint with the benchmark; a rerun continues."""

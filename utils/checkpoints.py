@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from utils.config import ARCHITECTURE_KEYS, ExperimentConfig, value_before_key_existed
+from utils.config import ARCHITECTURE_KEYS, ExperimentConfig, command_line_value, value_before_key_existed
 from utils.experiment_paths import ExperimentPaths
 from utils.storage import atomic_write_bytes
 
@@ -159,7 +159,7 @@ class CheckpointStore:
         if keys:
             differing = [f"{key} (checkpoint: {saved[key]!r}, now: {getattr(self.config, key)!r})" for key in keys]
             # A config.yaml written before a key existed lacks it, so the options are spelled out too.
-            options = " ".join(f"--{key} {saved[key]}" for key in keys)
+            options = " ".join(f"--{key} {command_line_value(saved[key])}" for key in keys)
             raise CheckpointError(
                 f"checkpoint {path} was trained with another architecture; differing keys: "
                 + "; ".join(differing) + ". Use the config it was trained with (saved in "

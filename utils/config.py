@@ -273,6 +273,17 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     raise AssertionError(f"unhandled type {hint} of {key}")
 
 
+def command_line_value(value: Any) -> str:
+    """`value` spelled as `--key VALUE` takes it back: true/false, none, 64,160,320,640."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
 def _number(kind: type, value: Any, where: str) -> int | float:
     """An int or float from a number or a numeric string; booleans, fractional ints and floats that are
     not finite (nan, inf: they would silently poison a run) are refused."""
