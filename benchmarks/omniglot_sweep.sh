@@ -2,11 +2,13 @@
 # The Omniglot 5-way 1-shot CxGrad settings sweep of docs/OMNIGLOT.md: each candidate is the CPU-budget
 # config (experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml) with a few keys changed, trained
 # for its first EPOCHS epochs of a 9-epoch schedule (--total_epochs 9 --total_epochs_before_pause EPOCHS,
-# so the learning rate follows the 9-epoch run's cosine and a candidate can be resumed to the end by
-# rerunning its command without the pause). Two candidates run at once, one thread each, as on a 2-core machine; the table
-# printed at the end gives each candidate's validation accuracy and seconds per epoch.
+# so the learning rate follows the 9-epoch run's cosine; EPOCHS=9 resumes a candidate to the end, which
+# ends with its ensemble test). Two candidates run at once, one thread each, as on a 2-core machine; the
+# table printed at the end gives each candidate's validation accuracy, seconds per epoch and, once it
+# has trained all 9 epochs, its ensemble test accuracy.
 #
 # Usage: bash benchmarks/omniglot_sweep.sh [CANDIDATE ...]   (default: all; EPOCHS=3, OUT=experiments/sweep)
+#        EPOCHS=9 bash benchmarks/omniglot_sweep.sh CANDIDATE ...   (to the end of the schedule, and the test)
 # Needs the Omniglot build: python preprocess/preprocess.py --datasets omniglot --source DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,15 +52,21 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
 done
 
 "$python" - "$out" "$epochs" "${names[@]}" <<'PY'
-import csv, sys
+import csv, json, sys
 from pathlib import Path
 out, epochs, names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-print("| candidate | " + " | ".join(f"val acc after epoch {e}" for e in range(epochs)) + " | s per epoch |")
-print("|---|" + "---|" * (epochs + 1))
+print("| candidate | " + " | ".join(f"val acc after epoch {e}" for e in range(epochs))
+      + " | s per epoch | ensemble test |")
+print("|---|" + "---|" * (epochs + 2))
 for name in names:
     path = out / name / "logs" / "summary_statistics.csv"
     rows = list(csv.DictReader(open(path)))[:epochs] if path.is_file() else []
     accuracies = [f"{100 * float(r['val_accuracy_mean']):.2f}%" for r in rows] + ["-"] * (epochs - len(rows))
     seconds = f"{sum(float(r['epoch_time_s']) for r in rows) / len(rows):.0f}" if rows else "-"
-    print(f"| {name} | " + " | ".join(accuracies) + f" | {seconds} |")
+    test = "-"
+    summary = out / name / "test_summary.json"
+    if summary.is_file() and len(rows) == 9:  # the test of the whole schedule, not of a pause
+        result = json.loads(summary.read_text())
+        test = f"{100 * result['ensemble_test_accuracy']:.2f}% +- {100 * result['ensemble_test_confidence_95']:.2f}%"
+    print(f"| {name} | " + " | ".join(accuracies) + f" | {seconds} | {test} |")
 PY
