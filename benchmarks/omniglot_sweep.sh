@@ -52,21 +52,22 @@ for ((i = 0; i < ${#names[@]}; i += 2)); do
 done
 
 "$python" - "$out" "$epochs" "${names[@]}" <<'PY'
-import csv, json, sys
+import sys
 from pathlib import Path
+from utils.experiment_paths import ExperimentPaths
+from utils.summarize_results import read_epoch_rows, read_summary
 out, epochs, names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 print("| candidate | " + " | ".join(f"val acc after epoch {e}" for e in range(epochs))
       + " | s per epoch | ensemble test |")
 print("|---|" + "---|" * (epochs + 2))
 for name in names:
-    path = out / name / "logs" / "summary_statistics.csv"
-    rows = list(csv.DictReader(open(path)))[:epochs] if path.is_file() else []
-    accuracies = [f"{100 * float(r['val_accuracy_mean']):.2f}%" for r in rows] + ["-"] * (epochs - len(rows))
-    seconds = f"{sum(float(r['epoch_time_s']) for r in rows) / len(rows):.0f}" if rows else "-"
+    rows = read_epoch_rows(out / name)[:epochs]
+    accuracies = [f"{100 * r['val_accuracy_mean']:.2f}%" for r in rows] + ["-"] * (epochs - len(rows))
+    seconds = f"{sum(r['epoch_time_s'] for r in rows) / len(rows):.0f}" if rows else "-"
     test = "-"
-    summary = out / name / "test_summary.json"
+    summary = ExperimentPaths(out / name).test_summary()
     if summary.is_file() and len(rows) == 9:  # the test of the whole schedule, not of a pause
-        result = json.loads(summary.read_text())
+        result = read_summary(summary)
         test = f"{100 * result['ensemble_test_accuracy']:.2f}% +- {100 * result['ensemble_test_confidence_95']:.2f}%"
     print(f"| {name} | " + " | ".join(accuracies) + f" | {seconds} | {test} |")
 PY

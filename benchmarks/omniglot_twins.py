@@ -121,9 +121,11 @@ class Run:
                       file=sys.stderr, flush=True)
             summary, statistics = self.paths.test_summary(), self.paths.summary_statistics
             if self.args.test and not (summary.is_file() and summary.stat().st_mtime >= statistics.stat().st_mtime):
+                started = time.perf_counter()
                 code = run_child(self.command("--evaluate_on_test_set_only", "true"), log, env)
                 if code != 0:
                     return f"the ensemble test exited {code}"
+                print(f"{self.name}: tested in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         return None
 
     def result(self) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import ExitStack, closing
+from contextlib import closing
 
 import torch
 
@@ -26,23 +26,23 @@ from utils.config import load_config
 
 def gradients(overrides_json: str, output: str) -> None:
     config = load_config(overrides=json.loads(overrides_json))
-    with distributed.session(torch.device("cpu"), timeout_s=60) as context, ExitStack() as stack:
+    with distributed.session(torch.device("cpu"), timeout_s=60) as context:
         builder = ExperimentBuilder(config, context)
-        provider = FewShotDataProvider(config, splits=("train",), first_train_task=context.rank * config.batch_size)
-        # Its batch-preparing threads end here, as in training: left running into the interpreter's exit,
-        # one of them inside a torch operation can abort the rank ("terminate called without an active
-        # exception", seen once in CI).
-        stack.enter_context(closing(provider))
-        model = builder.model
-        average_gradients = model.gradient_reducer  # what the builder installed
-        reduced = {}
+        # The provider's batch-preparing threads end with the block, as in training: left running into the
+        # interpreter's exit, one of them inside a torch operation can abort the rank ("terminate called
+        # without an active exception", seen once in CI).
+        with closing(FewShotDataProvider(config, splits=("train",),
+                                         first_train_task=context.rank * config.batch_size)) as provider:
+            model = builder.model
+            average_gradients = model.gradient_reducer  # what the builder installed
+            reduced = {}
 
-        def reduce_and_keep(parameters):
-            average_gradients(parameters)
-            reduced.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+            def reduce_and_keep(parameters):
+                average_gradients(parameters)
+                reduced.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
 
-        model.gradient_reducer = reduce_and_keep
-        model.run_train_iter(provider.train_batch(0), epoch=0)
+            model.gradient_reducer = reduce_and_keep
+            model.run_train_iter(provider.train_batch(0), epoch=0)
         if context.is_main:
             torch.save(reduced, output)
 
