@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import omniglot_twins
-from conftest import tiny_overrides
+from conftest import command_line, tiny_overrides
 
 
 def result(setting, method, accuracies):
@@ -42,7 +42,7 @@ def test_twins_train_to_the_budget_test_and_resume(toy_datasets, tmp_path, capsy
     settings = tiny_overrides(toy_datasets, tmp_path)
     del settings["experiment_name"], settings["experiments_dir"]  # the benchmark names its runs
     settings["dataset_path"] = "toy"  # the shipped configs name their folder (omniglot)
-    overrides = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    overrides = command_line(settings)
     out = tmp_path / "twins"
     common = ["--settings", "5way_1shot", "--methods", "CxGrad", "maml", "--out", str(out), "--"] + overrides
     code = omniglot_twins.main(["--iterations", "6", *common])  # two epochs of 3 meta-iterations
@@ -82,7 +82,7 @@ def test_sigterm_stops_every_run_resumably(toy_datasets, tmp_path):
     out = tmp_path / "twins"
     command = [sys.executable, str(Path(omniglot_twins.__file__)), "--settings", "5way_1shot", "--methods", "CxGrad",
                "maml", "--iterations", "400", "--no-test", "--out", str(out), "--",
-               *[item for key, value in settings.items() for item in (f"--{key}", str(value))]]
+               *command_line(settings)]
     logs = [out / f"omniglot_5way_1shot_{method}.log" for method in ("CxGrad", "maml")]
     benchmark = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
