@@ -1,4 +1,4 @@
-"""benchmarks/omniglot_sweep.sh: every candidate is a valid change of the CPU config it sweeps.
+"""benchmarks/omniglot_sweep.sh: every candidate is a valid change of the CPU config it sweeps (at its baseline).
 
 The sweep's runs take minutes each, so they are not run here; but a misspelt key or a bad value in a
 candidate would only show once its turn came, after the candidates before it had trained.
@@ -25,9 +25,11 @@ def test_every_candidate_is_a_valid_change_of_the_cpu_config():
     found = candidates()
     assert {"cx_baseline", "maml_twin", "cx_inner_lr_0.05", "cx_64_filters", "cx_second_order"} <= set(found)
     config_file = re.search(r"^config=(\S+)$", SCRIPT.read_text(), re.MULTILINE).group(1)
-    baseline = parse_command_line(["--name_of_args_json_file", str(REPO / config_file)]).to_dict()
+    swept = re.search(r"^baseline=\(([^)]*)\)$", SCRIPT.read_text(), re.MULTILINE).group(1).split()
+    command = ["--name_of_args_json_file", str(REPO / config_file), *swept]
+    baseline = parse_command_line(command).to_dict()
     for name, options in found.items():
-        changed = parse_command_line(["--name_of_args_json_file", str(REPO / config_file), *options]).to_dict()
+        changed = parse_command_line([*command, *options]).to_dict()
         differing = {key for key in baseline if baseline[key] != changed[key]}
         assert bool(differing) == (name != "cx_baseline"), (name, differing)
     # Run without names, the script sweeps every candidate.
