@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The Omniglot 5-way 1-shot CxGrad settings sweep of docs/OMNIGLOT.md: each candidate is the CPU-budget
 # config (experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml, at the baseline below) with a few
-# keys changed, trained for its first EPOCHS epochs of a 9-epoch schedule (--total_epochs 9 --total_epochs_before_pause EPOCHS,
-# so the learning rate follows the 9-epoch run's cosine; EPOCHS=9 resumes a candidate to the end, which
-# ends with its ensemble test). Two candidates run at once, one thread each, as on a 2-core machine; the
-# table printed at the end gives each candidate's validation accuracy, seconds per epoch and, once it
-# has trained all 9 epochs, its ensemble test accuracy.
+# keys changed, trained for its first EPOCHS epochs of a 9-epoch schedule (--total_epochs 9
+# --total_epochs_before_pause EPOCHS, so the learning rate follows the 9-epoch run's cosine; EPOCHS=9
+# resumes a candidate to the end, which ends with its ensemble test). Two candidates run at once, one
+# thread each, as on a 2-core machine; the table printed at the end gives each candidate's validation
+# accuracy, seconds per epoch and, once it has trained all 9 epochs, its ensemble test accuracy.
 #
 # Usage: bash benchmarks/omniglot_sweep.sh [CANDIDATE ...]   (default: all; EPOCHS=3, OUT=experiments/sweep)
 #        EPOCHS=9 bash benchmarks/omniglot_sweep.sh CANDIDATE ...   (to the end of the schedule, and the test)
