@@ -178,10 +178,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.overrides, args.out = overrides, args.out.resolve()
     runs = [Run(setting, method, args) for setting in args.settings for method in args.methods]
     args.out.mkdir(parents=True, exist_ok=True)
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, stop_children)
-    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        problems = dict(zip((run.name for run in runs), pool.map(Run.execute, runs)))
+    STOPPING.clear()
+    # Restored afterwards, so that calling main() in a process (as the tests do) leaves its handlers as they were.
+    previous = {number: signal.signal(number, stop_children) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            problems = dict(zip((run.name for run in runs), pool.map(Run.execute, runs)))
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     results = [run.result() for run in runs]
     for line in results:
         print(json.dumps(line), flush=True)

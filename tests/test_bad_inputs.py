@@ -32,7 +32,7 @@ from preprocess.archives import PreprocessError, safe_extract
 from train_maml_system import main
 from utils.config import ConfigError, load_config
 from utils.dataset_format import MANIFEST_NAME
-from utils.interrupt import INTERRUPTED_EXIT_CODE, TrainingInterrupted
+from utils.interrupt import HANDLED_SIGNALS, INTERRUPTED_EXIT_CODE, StopRequest, TrainingInterrupted
 from utils.nonfinite import TrainingDiverged
 from utils.checkpoints import read_checkpoint
 from utils.experiment_paths import ExperimentPaths
@@ -361,6 +361,30 @@ def test_truncated_archive_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- signals
+@pytest.fixture
+def python_signal_defaults():
+    """SIGINT raises KeyboardInterrupt and SIGTERM terminates, whatever this process inherited: started as
+    `pytest &` from a script, it has SIGINT ignored, which the training then rightly leaves ignored."""
+    previous = {number: signal.getsignal(number) for number in HANDLED_SIGNALS}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+def test_a_signal_inherited_as_ignored_stays_ignored(python_signal_defaults):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with StopRequest() as stop:
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)
+        assert not stop.requested
+        signal.raise_signal(signal.SIGTERM)  # not ignored, so caught
+        assert stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def signal_after(builder: ExperimentBuilder, number: signal.Signals, calls: int, times: int = 1) -> None:
     """Deliver `number` to this process `times` times right after the `calls`-th meta-iteration."""
     original, count = builder.model.run_train_iter, [0]
@@ -382,7 +406,7 @@ def final_state(experiments: Path, name: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
-def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number):
+def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number, python_signal_defaults):
     experiments = tmp_path / "experiments"
     build = lambda name: ExperimentBuilder(load_config(overrides=overrides(  # noqa: E731
         datasets, experiments, experiment_name=name, total_epochs=2, total_iter_per_epoch=4)))
@@ -408,7 +432,7 @@ def test_signal_mid_epoch_saves_and_resumes_exactly(datasets, tmp_path, number):
 
 
 @pytest.mark.slow
-def test_second_signal_stops_at_once_and_damages_nothing(datasets, experiments):
+def test_second_signal_stops_at_once_and_damages_nothing(datasets, experiments, python_signal_defaults):
     before = fingerprint(experiments)
     builder = ExperimentBuilder(load_config(overrides=overrides(datasets, experiments, total_epochs=3)))
     signal_after(builder, signal.SIGINT, calls=1, times=2)

@@ -45,7 +45,9 @@ def test_twins_train_to_the_budget_test_and_resume(toy_datasets, tmp_path, capsy
     overrides = command_line(settings)
     out = tmp_path / "twins"
     common = ["--settings", "5way_1shot", "--methods", "CxGrad", "maml", "--out", str(out), "--"] + overrides
+    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
     code = omniglot_twins.main(["--iterations", "6", *common])  # two epochs of 3 meta-iterations
+    assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers  # put back
     printed = capsys.readouterr().out.splitlines()
     lines = [json.loads(line) for line in printed if line.startswith("{")]
     assert code in (0, 1), (out / "omniglot_5way_1shot_CxGrad.log").read_text()

@@ -40,7 +40,10 @@ class StopRequest:
         self.signal_name = None
         # Python lets only the main thread install handlers; elsewhere the default behaviour stays.
         if threading.current_thread() is threading.main_thread():
-            self._previous = {number: signal.signal(number, self._handle) for number in HANDLED_SIGNALS}
+            # A signal the process inherited as ignored stays ignored (the classic Unix rule): a shell starts
+            # `command &` with SIGINT ignored, and a job meant to be deaf to Ctrl-C must not start hearing it.
+            self._previous = {number: signal.signal(number, self._handle) for number in HANDLED_SIGNALS
+                              if signal.getsignal(number) != signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc_info) -> None:
