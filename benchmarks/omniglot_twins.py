@@ -180,7 +180,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     STOPPING.clear()
     # Restored afterwards, so that calling main() in a process (as the tests do) leaves its handlers as they were.
-    previous = {number: signal.signal(number, stop_children) for number in (signal.SIGTERM, signal.SIGINT)}
+    # A signal inherited as ignored stays ignored, as in train_maml_system.py (utils/interrupt.py): a shell starts
+    # `command &` deaf to Ctrl-C, and so are its children, which keep stopping on SIGTERM.
+    previous = {number: signal.signal(number, stop_children) for number in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(number) != signal.SIG_IGN}
     try:
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
             problems = dict(zip((run.name for run in runs), pool.map(Run.execute, runs)))

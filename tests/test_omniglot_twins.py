@@ -76,8 +76,13 @@ def test_twins_train_to_the_budget_test_and_resume(toy_datasets, tmp_path, capsy
         omniglot_twins.main(["--iterations", "6", *common])
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_sigterm_stops_every_run_resumably(toy_datasets, tmp_path):
-    """Under `timeout` (SIGTERM), the trainings stop at a checkpoint with the benchmark; a rerun continues."""
+    """Under `timeout` (SIGTERM), the trainings stop at a checkpoint with the benchmark; a rerun continues.
+    Started the way a shell starts `command &` (SIGINT ignored), it stays deaf to SIGINT."""
     settings = tiny_overrides(toy_datasets, tmp_path, total_iter_per_epoch=400, num_evaluation_tasks=4)
     del settings["experiment_name"], settings["experiments_dir"]
     settings["dataset_path"] = "toy"
@@ -86,11 +91,15 @@ def test_sigterm_stops_every_run_resumably(toy_datasets, tmp_path):
                "maml", "--iterations", "400", "--no-test", "--out", str(out), "--",
                *command_line(settings)]
     logs = [out / f"omniglot_5way_1shot_{method}.log" for method in ("CxGrad", "maml")]
-    benchmark = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    benchmark = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=ignore_sigint)
     deadline = time.monotonic() + 120
     while not all(log.is_file() and "Training from epoch 0" in log.read_text() for log in logs):
         assert benchmark.poll() is None and time.monotonic() < deadline, benchmark.communicate()
         time.sleep(0.2)
+    benchmark.send_signal(signal.SIGINT)  # ignored: a stopped training would log it within a meta-iteration
+    time.sleep(1.0)
+    assert benchmark.poll() is None and not any("stopped by" in log.read_text() for log in logs)
     benchmark.send_signal(signal.SIGTERM)
     _, errors = benchmark.communicate(timeout=120)
     assert benchmark.returncode == 75, errors
