@@ -38,6 +38,17 @@ def fresh_epoch_progress() -> dict[str, Any]:
     return {"iterations": 0, "losses": [], "accuracies": [], "skipped": 0, "seconds": 0.0}
 
 
+def progress_line(epoch: int, progress: dict[str, Any], iterations_per_epoch: int, seconds: float) -> str:
+    """One line on the epoch so far (`progress` as fresh_epoch_progress makes it; `seconds` since the epoch
+    started, time before an interruption included), for logs that have no progress bar."""
+    done = progress["iterations"]
+    each = seconds / max(done, 1)
+    so_far = (f"train loss {np.mean(progress['losses']):.4f} accuracy {np.mean(progress['accuracies']):.4f} so far"
+              if progress["losses"] else "no finite loss yet")
+    return (f"epoch {epoch}: {done}/{iterations_per_epoch} meta-iterations, {each:.2f} s each, the epoch's "
+            f"training ends in about {(iterations_per_epoch - done) * each / 60:.0f} min; {so_far}")
+
+
 def fresh_state() -> dict[str, Any]:
     """What, besides the tensors, must survive a restart, as a new experiment starts it.
 
@@ -203,6 +214,10 @@ class ExperimentBuilder:
         started = time.time() - progress["seconds"]
         first_iteration = epoch * config.total_iter_per_epoch + progress["iterations"]
         show_progress = config.show_progress and self.distributed.is_main
+        # Without the bar, a long epoch in a log file says now and then that it is alive and how fast it goes.
+        report_every = (config.progress_interval_s if self.distributed.is_main and not config.show_progress
+                        else 0.0) or math.inf
+        next_report = time.monotonic() + report_every
         with tqdm(total=config.total_iter_per_epoch, initial=progress["iterations"],
                   disable=not show_progress, desc=f"epoch {epoch}", leave=False) as bar:
             for iteration, batch in enumerate(provider.train_batches(
@@ -217,6 +232,10 @@ class ExperimentBuilder:
                 progress["iterations"] += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
+                if time.monotonic() >= next_report:
+                    print(progress_line(epoch, progress, config.total_iter_per_epoch, time.time() - started),
+                          flush=True)
+                    next_report = time.monotonic() + report_every
                 if self._stop_requested():
                     progress["seconds"] = time.time() - started
                     self._stop_mid_epoch(iteration, epoch)

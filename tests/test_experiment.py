@@ -106,6 +106,20 @@ def test_scheduler_steps_once_per_epoch_with_cosine_annealing(tiny_config):
     np.testing.assert_allclose(rates, expected, rtol=1e-6)
 
 
+def test_a_log_without_the_progress_bar_reports_progress_every_interval(tiny_config, capsys):
+    builder, _ = run(tiny_config(total_epochs=1, total_iter_per_epoch=3, progress_interval_s=1e-9))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "meta-iterations," in line]
+    assert [line.split(",")[0] for line in lines] == ["epoch 0: 1/3 meta-iterations", "epoch 0: 2/3 meta-iterations",
+                                                      "epoch 0: 3/3 meta-iterations"]
+    row = builder.state["epoch_rows"][0]
+    assert lines[-1].endswith(f"ends in about 0 min; train loss {row['train_loss_mean']:.4f} "
+                              f"accuracy {row['train_accuracy_mean']:.4f} so far")
+    # None with progress_interval_s 0, nor beside the progress bar.
+    for settings in ({"progress_interval_s": 0.0}, {"progress_interval_s": 1e-9, "show_progress": True}):
+        run(tiny_config(total_epochs=1, total_iter_per_epoch=3, experiment_name=f"quiet{len(settings)}", **settings))
+        assert "meta-iterations," not in capsys.readouterr().out
+
+
 def test_test_only_mode_and_cross_domain(tiny_config):
     config = tiny_config(contextual_grad=True, total_epochs=2)
     _, trained = run(config)

@@ -60,6 +60,10 @@ class ExperimentConfig:
     val_seed: int = _field(0, "seed of the fixed validation and test tasks", minimum=0)
     device: str = _field("auto", "auto picks CUDA when available, else the CPU", choices=("auto", "cpu", "cuda"))
     show_progress: bool = _field(True, "show a tqdm progress bar during training")
+    progress_interval_s: float = _field(
+        600.0, "without the progress bar (show_progress false: a log file, a batch job), print the epoch's "
+        "progress, seconds per meta-iteration and train loss and accuracy so far every this many seconds; "
+        "0 prints none", minimum=0.0)
 
     # --- distributed ----------------------------------------------------------------------
     distributed_timeout_s: int = _field(

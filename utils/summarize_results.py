@@ -39,7 +39,8 @@ MAML_PLUS_PLUS_KEYS = ("use_multi_step_loss_optimization", "learnable_per_layer_
 # Keys that change where a run is written, how fast it computes (the same arithmetic) or what it logs, never
 # what it learns: runs that differ only in these and in SEED_KEYS are repeats of one experiment.
 BOOKKEEPING_KEYS = frozenset({
-    "experiment_name", "experiments_dir", "datasets_dir", "device", "show_progress", "distributed_timeout_s",
+    "experiment_name", "experiments_dir", "datasets_dir", "device", "show_progress", "progress_interval_s",
+    "distributed_timeout_s",
     "load_into_memory", "num_dataprovider_workers", "continue_from_epoch", "total_epochs_before_pause",
     "evaluate_on_test_set_only", "test_dataset", "max_consecutive_nonfinite_iterations", "log_inner_loop_statistics",
     "use_tensorboard", "task_batching", "evaluation_batch_size", "channels_last", "cudnn_benchmark",
