@@ -215,9 +215,8 @@ class ExperimentBuilder:
         first_iteration = epoch * config.total_iter_per_epoch + progress["iterations"]
         show_progress = config.show_progress and self.distributed.is_main
         # Without the bar, a long epoch in a log file says now and then that it is alive and how fast it goes.
-        report_every = (config.progress_interval_s if self.distributed.is_main and not config.show_progress
-                        else 0.0) or math.inf
-        next_report = time.monotonic() + report_every
+        report_every = config.progress_interval_s if self.distributed.is_main and not config.show_progress else 0.0
+        next_report = time.monotonic() + report_every if report_every > 0 else math.inf
         with tqdm(total=config.total_iter_per_epoch, initial=progress["iterations"],
                   disable=not show_progress, desc=f"epoch {epoch}", leave=False) as bar:
             for iteration, batch in enumerate(provider.train_batches(

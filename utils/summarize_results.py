@@ -40,11 +40,10 @@ MAML_PLUS_PLUS_KEYS = ("use_multi_step_loss_optimization", "learnable_per_layer_
 # what it learns: runs that differ only in these and in SEED_KEYS are repeats of one experiment.
 BOOKKEEPING_KEYS = frozenset({
     "experiment_name", "experiments_dir", "datasets_dir", "device", "show_progress", "progress_interval_s",
-    "distributed_timeout_s",
-    "load_into_memory", "num_dataprovider_workers", "continue_from_epoch", "total_epochs_before_pause",
-    "evaluate_on_test_set_only", "test_dataset", "max_consecutive_nonfinite_iterations", "log_inner_loop_statistics",
-    "use_tensorboard", "task_batching", "evaluation_batch_size", "channels_last", "cudnn_benchmark",
-    "compile_backbone", "cpu_memory_caching"})
+    "distributed_timeout_s", "load_into_memory", "num_dataprovider_workers", "continue_from_epoch",
+    "total_epochs_before_pause", "evaluate_on_test_set_only", "test_dataset",
+    "max_consecutive_nonfinite_iterations", "log_inner_loop_statistics", "use_tensorboard", "task_batching",
+    "evaluation_batch_size", "channels_last", "cudnn_benchmark", "compile_backbone", "cpu_memory_caching"})
 SEED_KEYS = ("seed", "train_seed", "val_seed")
 OVER_SEEDS = ("ensemble_test_accuracy", "best_single_model_test_accuracy")  # averaged over a group's runs
 
