@@ -38,15 +38,30 @@ def fresh_epoch_progress() -> dict[str, Any]:
     return {"iterations": 0, "losses": [], "accuracies": [], "skipped": 0, "seconds": 0.0}
 
 
-def progress_line(epoch: int, progress: dict[str, Any], iterations_per_epoch: int, seconds: float) -> str:
+def progress_line(epoch: int, progress: dict[str, Any], iterations_per_epoch: int, seconds: float,
+                  last_report: tuple[int, int] = (0, 0)) -> str:
     """One line on the epoch so far (`progress` as fresh_epoch_progress makes it; `seconds` since the epoch
-    started, time before an interruption included), for logs that have no progress bar."""
+    started, time before an interruption included), for logs that have no progress bar.
+
+    `last_report` is (meta-iterations, finite losses) at the previous line, or where this process took the
+    epoch up: the line also gives the mean since then, so that a log shows the learning curve within an
+    epoch, not only the running mean over it (which lags it).
+    """
     done = progress["iterations"]
     each = seconds / max(done, 1)
-    so_far = (f"train loss {np.mean(progress['losses']):.4f} accuracy {np.mean(progress['accuracies']):.4f} so far"
-              if progress["losses"] else "no finite loss yet")
-    return (f"epoch {epoch}: {done}/{iterations_per_epoch} meta-iterations, {each:.2f} s each, the epoch's "
-            f"training ends in about {(iterations_per_epoch - done) * each / 60:.0f} min; {so_far}")
+    line = (f"epoch {epoch}: {done}/{iterations_per_epoch} meta-iterations, {each:.2f} s each, the epoch's "
+            f"training ends in about {(iterations_per_epoch - done) * each / 60:.0f} min; ")
+    losses, accuracies = progress["losses"], progress["accuracies"]
+    if not losses:
+        return line + "no finite loss yet"
+    line += f"train loss {np.mean(losses):.4f} accuracy {np.mean(accuracies):.4f} so far"
+    since_iteration, since_finite = last_report
+    if since_iteration > 0 and len(losses) > since_finite:  # from iteration 0 it is the running mean itself
+        line += (f"; since iteration {since_iteration}: loss {np.mean(losses[since_finite:]):.4f} "
+                 f"accuracy {np.mean(accuracies[since_finite:]):.4f}")
+    if progress["skipped"]:
+        line += f" ({progress['skipped']} non-finite skipped)"
+    return line
 
 
 def fresh_state() -> dict[str, Any]:
@@ -217,6 +232,7 @@ class ExperimentBuilder:
         # Without the bar, a long epoch in a log file says now and then that it is alive and how fast it goes.
         report_every = config.progress_interval_s if self.distributed.is_main and not config.show_progress else 0.0
         next_report = time.monotonic() + report_every if report_every > 0 else math.inf
+        last_report = (progress["iterations"], len(progress["losses"]))
         with tqdm(total=config.total_iter_per_epoch, initial=progress["iterations"],
                   disable=not show_progress, desc=f"epoch {epoch}", leave=False) as bar:
             for iteration, batch in enumerate(provider.train_batches(
@@ -232,8 +248,9 @@ class ExperimentBuilder:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", accuracy=f"{metrics['accuracy']:.4f}")
                 if time.monotonic() >= next_report:
-                    print(progress_line(epoch, progress, config.total_iter_per_epoch, time.time() - started),
-                          flush=True)
+                    print(progress_line(epoch, progress, config.total_iter_per_epoch, time.time() - started,
+                                        last_report), flush=True)
+                    last_report = (progress["iterations"], len(progress["losses"]))
                     next_report = time.monotonic() + report_every
                 if self._stop_requested():
                     progress["seconds"] = time.time() - started

@@ -15,7 +15,7 @@ import torch
 import data
 import experiment_builder
 from data import FewShotDataProvider, load_split
-from experiment_builder import ExperimentBuilder, mean_and_confidence
+from experiment_builder import ExperimentBuilder, mean_and_confidence, progress_line
 from utils.checkpoints import CheckpointError, read_checkpoint
 from utils.experiment_paths import ExperimentPaths
 
@@ -112,12 +112,23 @@ def test_a_log_without_the_progress_bar_reports_progress_every_interval(tiny_con
     assert [line.split(",")[0] for line in lines] == ["epoch 0: 1/3 meta-iterations", "epoch 0: 2/3 meta-iterations",
                                                       "epoch 0: 3/3 meta-iterations"]
     row = builder.state["epoch_rows"][0]
-    assert lines[-1].endswith(f"ends in about 0 min; train loss {row['train_loss_mean']:.4f} "
-                              f"accuracy {row['train_accuracy_mean']:.4f} so far")
+    assert lines[0].endswith(" so far")  # the first window is the running mean itself
+    assert f"ends in about 0 min; train loss {row['train_loss_mean']:.4f} accuracy {row['train_accuracy_mean']:.4f} " \
+           "so far; since iteration 2: loss " in lines[-1]
     # None with progress_interval_s 0, nor beside the progress bar.
     for settings in ({"progress_interval_s": 0.0}, {"progress_interval_s": 1e-9, "show_progress": True}):
         run(tiny_config(total_epochs=1, total_iter_per_epoch=3, experiment_name=f"quiet{len(settings)}", **settings))
         assert "meta-iterations," not in capsys.readouterr().out
+
+
+def test_a_progress_line_gives_the_mean_since_the_last_one():
+    """Iterations 2-3 of 4: one skipped (non-finite), so the window holds the last two finite losses."""
+    progress = {"iterations": 4, "losses": [1.0, 2.0, 3.0], "accuracies": [0.1, 0.2, 0.6], "skipped": 1, "seconds": 0}
+    assert progress_line(0, progress, 10, 8.0, last_report=(2, 1)) == (
+        "epoch 0: 4/10 meta-iterations, 2.00 s each, the epoch's training ends in about 0 min; train loss 2.0000 "
+        "accuracy 0.3000 so far; since iteration 2: loss 2.5000 accuracy 0.4000 (1 non-finite skipped)")
+    assert progress_line(1, dict(progress, skipped=0), 10, 8.0).endswith("accuracy 0.3000 so far")
+    assert progress_line(1, dict(progress, losses=[], accuracies=[]), 10, 8.0).endswith("no finite loss yet")
 
 
 def test_test_only_mode_and_cross_domain(tiny_config):

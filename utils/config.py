@@ -62,8 +62,8 @@ class ExperimentConfig:
     show_progress: bool = _field(True, "show a tqdm progress bar during training")
     progress_interval_s: float = _field(
         600.0, "without the progress bar (show_progress false: a log file, a batch job), print the epoch's "
-        "progress, seconds per meta-iteration and train loss and accuracy so far every this many seconds; "
-        "0 prints none", minimum=0.0)
+        "progress, seconds per meta-iteration, and train loss and accuracy so far and since the last such line, "
+        "every this many seconds; 0 prints none", minimum=0.0)
 
     # --- distributed ----------------------------------------------------------------------
     distributed_timeout_s: int = _field(
