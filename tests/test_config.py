@@ -102,16 +102,23 @@ def test_generated_configs_are_up_to_date():
 
 
 def test_omniglot_cxgrad_configs_say_why_they_depart():
-    """Omniglot's CxGrad configs are MAML++'s Omniglot settings but first order, and their header says so."""
+    """Omniglot's CxGrad configs are MAML++'s Omniglot settings but first order (and at 20-way 5-shot,
+    inner lr 0.05), and their header says so."""
     for setting in ("5way_1shot", "5way_5shot", "20way_1shot", "20way_5shot"):
         folder = REPO / "experiment_config" / f"omniglot_{setting}"
         cxgrad, maml = load_config(folder / "CxGrad_4conv.yaml"), load_config(folder / "maml_4conv.json")
         differing = {key for key, value in cxgrad.to_dict().items() if value != getattr(maml, key)}
-        assert differing == {"experiment_name", "contextual_grad", "second_order"}, setting
+        lower_inner_lr = setting == "20way_5shot"
+        assert differing == {"experiment_name", "contextual_grad", "second_order",
+                             *(["init_inner_loop_learning_rate"] if lower_inner_lr else [])}, setting
         assert maml.second_order and not cxgrad.second_order
-        header = [line for line in (folder / "CxGrad_4conv.yaml").read_text().splitlines() if line.startswith("#")]
-        assert any("first-order meta-gradients (second_order: false)" in line for line in header)
-        assert any("Why:" in line for line in header)
+        assert (maml.init_inner_loop_learning_rate, cxgrad.init_inner_loop_learning_rate) == (
+            0.1, 0.05 if lower_inner_lr else 0.1)
+        header = "\n".join(line for line in (folder / "CxGrad_4conv.yaml").read_text().splitlines()
+                           if line.startswith("#"))
+        assert "first-order meta-gradients (second_order: false)" in header
+        assert header.count("Why:") == (2 if lower_inner_lr else 1), setting
+        assert ("--init_inner_loop_learning_rate 0.1 restores" in header) == lower_inner_lr, setting
 
 
 def test_yaml_and_command_line_overrides(tmp_path):
