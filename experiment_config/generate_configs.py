@@ -5,10 +5,9 @@
 One folder per setting (`{dataset}_{N}way_{K}shot/`), one file per method: `maml_4conv.json`,
 `maml++_4conv.json` and `CxGrad_4conv.json`, with the MAML++/CxGrad key names. The values follow
 the CxGrad paper's protocol (CXGRAD.md's table) for the ImageNet-style datasets, and MAML++'s
-Omniglot configs for Omniglot. A config that departs from them (DEPARTURES, and SETTING_DEPARTURES
-for one setting only) is written as YAML
-instead, `CxGrad_4conv.yaml`, with a header that says how and why. The CPU-budget Omniglot configs
-(`*_cpu.yaml`) are written by hand.
+Omniglot configs for Omniglot. A config that departs from them (DEPARTURES; SETTING_DEPARTURES for one
+setting only) is written as YAML instead, `CxGrad_4conv.yaml`, with a header that says how and why. The
+CPU-budget Omniglot configs (`*_cpu.yaml`) are written by hand.
 
 mini- and tiered-ImageNet also get `maml_resnet12.yaml`, `maml++_resnet12.yaml` and
 `CxGrad_resnet12.yaml`: the same settings with the ResNet-12 backbone, as YAML so that a header can
