@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import yaml
 
@@ -89,13 +89,20 @@ OMNIGLOT_20WAY_5SHOT_CXGRAD_HEADER = """\
 # after ~400); at 0.05 it keeps up (94.7% after ~400). Validation after 500 iterations: 95.0% at 0.05,
 # 82.5% at 0.1 (docs/OMNIGLOT.md). --init_inner_loop_learning_rate 0.1 restores MAML's rate.
 """
-# A departure of one setting only, on top of its dataset's (whose header it continues): (dataset, ways, shots,
-# method) -> the keys it changes, and the header lines that say why.
-SETTING_DEPARTURES = {("omniglot", 20, 5, "CxGrad_4conv"): ({"init_inner_loop_learning_rate": 0.05},
-                                                            OMNIGLOT_20WAY_5SHOT_CXGRAD_HEADER)}
+class SettingDeparture(NamedTuple):
+    """A departure of one setting only, on top of its dataset's, whose header it continues."""
+    keys: dict  # the config keys it changes
+    header: str  # the header lines that say why
+
+
+# (dataset, ways, shots, method) -> its departure
+
+
+SETTING_DEPARTURES = {("omniglot", 20, 5, "CxGrad_4conv"): SettingDeparture(
+    keys={"init_inner_loop_learning_rate": 0.05}, header=OMNIGLOT_20WAY_5SHOT_CXGRAD_HEADER)}
 assert all((dataset, method) in DEPARTURE_HEADERS for dataset, _, _, method in SETTING_DEPARTURES), \
     "a setting's departure continues its dataset's header: add the dataset's to DEPARTURES and DEPARTURE_HEADERS"
-NO_SETTING_DEPARTURE = ({}, "")
+NO_SETTING_DEPARTURE = SettingDeparture(keys={}, header="")
 
 METHODS = {
     "maml_4conv": dict(learnable_per_layer_per_step_inner_loop_learning_rate=False, per_step_bn_statistics=False,
@@ -119,7 +126,7 @@ def config_for(dataset: str, ways: int, shots: int, method: str) -> dict:
     if dataset == "omniglot" and method == "maml++_4conv":
         config["multi_step_loss_num_epochs"] = 10  # as in MAML++'s Omniglot configs
     config.update(DEPARTURES.get((dataset, method), {}))
-    config.update(SETTING_DEPARTURES.get((dataset, ways, shots, method), NO_SETTING_DEPARTURE)[0])
+    config.update(SETTING_DEPARTURES.get((dataset, ways, shots, method), NO_SETTING_DEPARTURE).keys)
     return config
 
 
@@ -147,7 +154,7 @@ def shipped_files() -> Iterator[tuple[Path, str]]:
             if header is None:
                 yield folder / f"{method}.json", json.dumps(config, indent=2) + "\n"
                 continue
-            _, setting_header = SETTING_DEPARTURES.get((dataset, ways, shots, method), NO_SETTING_DEPARTURE)
+            setting_header = SETTING_DEPARTURES.get((dataset, ways, shots, method), NO_SETTING_DEPARTURE).header
             departures = "two departures" if setting_header else "one departure"
             header = header.format(ways=ways, shots=shots, departures=departures) + setting_header
             yield folder / f"{method}.yaml", header + as_yaml(config)
