@@ -121,6 +121,32 @@ def test_omniglot_cxgrad_configs_say_why_they_depart():
         assert ("--init_inner_loop_learning_rate 0.1 restores" in header) == lower_inner_lr, setting
 
 
+MAML_PLUS_PLUS_PIECES = {"use_multi_step_loss_optimization", "multi_step_loss_num_epochs",
+                         "learnable_per_layer_per_step_inner_loop_learning_rate", "per_step_bn_statistics"}
+
+
+def test_omniglot_cpu_configs_are_twins():
+    """The three CPU-budget configs of a setting differ only by what makes each method: CxGrad's scaling
+    network (and at 5-way 1-shot its inner lr), and MAML++'s pieces set as in maml++_4conv.json."""
+    for setting, cxgrad_inner_lr in (("5way_1shot", 0.05), ("20way_1shot", 0.1)):
+        folder = REPO / "experiment_config" / f"omniglot_{setting}"
+        cxgrad, maml = load_config(folder / "CxGrad_4conv_cpu.yaml"), load_config(folder / "maml_4conv_cpu.yaml")
+        maml_plus_plus = load_config(folder / "maml++_4conv_cpu.yaml")
+        published_maml_plus_plus = load_config(folder / "maml++_4conv.json")
+
+        def differing(config, other):
+            return {key for key, value in config.to_dict().items() if value != getattr(other, key)}
+
+        assert differing(cxgrad, maml) == {"experiment_name", "contextual_grad",
+                                           *(["init_inner_loop_learning_rate"] if cxgrad_inner_lr != 0.1 else [])}
+        assert cxgrad.init_inner_loop_learning_rate == cxgrad_inner_lr and cxgrad.contextual_grad
+        assert differing(maml_plus_plus, maml) == {"experiment_name", *MAML_PLUS_PLUS_PIECES}, setting
+        assert all(getattr(maml_plus_plus, key) == getattr(published_maml_plus_plus, key)
+                   for key in MAML_PLUS_PLUS_PIECES), setting
+        assert not maml_plus_plus.second_order and published_maml_plus_plus.second_order
+        assert maml_plus_plus.experiment_name == f"omniglot_{setting}_maml++_4conv_cpu"
+
+
 def test_yaml_and_command_line_overrides(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"batch_size": 3, "contextual_grad": True, "dataset_name": "omniglot"}))
