@@ -96,8 +96,6 @@ class SettingDeparture(NamedTuple):
 
 
 # (dataset, ways, shots, method) -> its departure
-
-
 SETTING_DEPARTURES = {("omniglot", 20, 5, "CxGrad_4conv"): SettingDeparture(
     keys={"init_inner_loop_learning_rate": 0.05}, header=OMNIGLOT_20WAY_5SHOT_CXGRAD_HEADER)}
 assert all((dataset, method) in DEPARTURE_HEADERS for dataset, _, _, method in SETTING_DEPARTURES), \

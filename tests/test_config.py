@@ -12,6 +12,11 @@ from utils.config import ConfigError, ExperimentConfig, load_config, parse_comma
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def differing_keys(config: ExperimentConfig, other: ExperimentConfig) -> set[str]:
+    """The keys whose resolved values differ between two configs (defaults included)."""
+    return {key for key, value in config.to_dict().items() if value != getattr(other, key)}
+
 # A config as the CxGrad reference code ships it (misspelt key and ignored keys included).
 REFERENCE_CXGRAD_CONFIG = {
     "experiment_name": "CxGrad_5way_1shot", "batch_size": 4, "image_height": 84, "image_width": 84,
@@ -71,8 +76,7 @@ def test_every_shipped_config_loads():
             assert (resnet.backbone, resnet.resnet_widths, resnet.leaky_relu_slope) == (
                 "resnet12", [64, 160, 320, 640], 0.1)
             # The protocol is the 4-CONV one: only the backbone (and its slope) and the name differ.
-            differing = {key for key, value in resnet.to_dict().items() if value != getattr(four_conv, key)}
-            assert differing == {"backbone", "leaky_relu_slope", "experiment_name"}, dataset  # widths: the default
+            assert differing_keys(resnet, four_conv) == {"backbone", "leaky_relu_slope", "experiment_name"}, dataset  # widths: the default
 
 
 # The input scaling each dataset's shipped configs use: the official CxGrad input (raw [0, 1]) for the
@@ -107,9 +111,8 @@ def test_omniglot_cxgrad_configs_say_why_they_depart():
     for setting in ("5way_1shot", "5way_5shot", "20way_1shot", "20way_5shot"):
         folder = REPO / "experiment_config" / f"omniglot_{setting}"
         cxgrad, maml = load_config(folder / "CxGrad_4conv.yaml"), load_config(folder / "maml_4conv.json")
-        differing = {key for key, value in cxgrad.to_dict().items() if value != getattr(maml, key)}
         lower_inner_lr = setting == "20way_5shot"
-        assert differing == {"experiment_name", "contextual_grad", "second_order",
+        assert differing_keys(cxgrad, maml) == {"experiment_name", "contextual_grad", "second_order",
                              *(["init_inner_loop_learning_rate"] if lower_inner_lr else [])}, setting
         assert maml.second_order and not cxgrad.second_order
         assert (maml.init_inner_loop_learning_rate, cxgrad.init_inner_loop_learning_rate) == (
@@ -133,14 +136,10 @@ def test_omniglot_cpu_configs_are_twins():
         cxgrad, maml = load_config(folder / "CxGrad_4conv_cpu.yaml"), load_config(folder / "maml_4conv_cpu.yaml")
         maml_plus_plus = load_config(folder / "maml++_4conv_cpu.yaml")
         published_maml_plus_plus = load_config(folder / "maml++_4conv.json")
-
-        def differing(config, other):
-            return {key for key, value in config.to_dict().items() if value != getattr(other, key)}
-
-        assert differing(cxgrad, maml) == {"experiment_name", "contextual_grad",
+        assert differing_keys(cxgrad, maml) == {"experiment_name", "contextual_grad",
                                            *(["init_inner_loop_learning_rate"] if cxgrad_inner_lr != 0.1 else [])}
         assert cxgrad.init_inner_loop_learning_rate == cxgrad_inner_lr and cxgrad.contextual_grad
-        assert differing(maml_plus_plus, maml) == {"experiment_name", *MAML_PLUS_PLUS_PIECES}, setting
+        assert differing_keys(maml_plus_plus, maml) == {"experiment_name", *MAML_PLUS_PLUS_PIECES}, setting
         assert all(getattr(maml_plus_plus, key) == getattr(published_maml_plus_plus, key)
                    for key in MAML_PLUS_PLUS_PIECES), setting
         assert not maml_plus_plus.second_order and published_maml_plus_plus.second_order
