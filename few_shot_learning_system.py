@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from data import TaskBatch
 from inner_loop_optimizers import GradientDescentLearningRule, LSLRGradientDescentLearningRule
 from meta_neural_network_architectures import ContextScalingNetwork, build_backbone
-from utils.backend import resolve_task_batching
+from utils.backend import resolve_memory_formats, resolve_task_batching
 from utils.config import ExperimentConfig
 from utils.cuda_graphs import captured_meta_gradient_for
 from utils.inner_loop_statistics import InnerLoopRecorder, InnerLoopStatistics
@@ -190,9 +190,8 @@ class MAMLFewShotClassifier(nn.Module):
     def _configure_speed(self, config: ExperimentConfig, device: torch.device) -> None:
         """Speed options of this model; none of them changes what is computed, only how (and bf16 how
         precisely). Process-wide settings belong to utils/backend.py, configured once at start-up."""
-        if config.channels_last:
-            self.classifier.memory_format = torch.channels_last
         self.task_batching = resolve_task_batching(config, device)
+        self.memory_formats = resolve_memory_formats(config, device)
         self.use_bf16 = config.mixed_precision and has_fast_bf16(device)
         if config.mixed_precision and not self.use_bf16:
             warnings.warn("mixed_precision needs CUDA or a CPU with bf16 instructions (AVX512-BF16 or AMX), "
@@ -208,12 +207,13 @@ class MAMLFewShotClassifier(nn.Module):
         forward = self.classifier
         if self.compiled_classifier is not None and not double_backward:
             forward = self.compiled_classifier
+        memory_format = self.memory_formats.double_backward if double_backward else self.memory_formats.single_backward
         if not self.use_bf16:
-            return forward(images, params, step)
+            return forward(images, params, step, memory_format)
         # Autocast's cache of cast weights must not outlive a CUDA graph's capture (PyTorch's rule).
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                             cache_enabled=self.captured_meta_gradient is None):
-            logits = forward(images, params, step)
+            logits = forward(images, params, step, memory_format)
         return logits.float()
 
     # ------------------------------------------------------------------ the inner loop

@@ -187,8 +187,6 @@ class _FunctionalBackbone(nn.Module):
 
     unit_prefixes: list[str]
     bn_steps: int
-    # Memory format of the activations; channels_last suits cuDNN's (and tensor cores') kernels.
-    memory_format: torch.memory_format = torch.contiguous_format
 
     @property
     def conv_weight_names(self) -> list[str]:
@@ -205,12 +203,15 @@ class _FunctionalBackbone(nn.Module):
         wanted = set(names)
         return [name for name in order if name in wanted]
 
-    def forward(self, images: Tensor, params: dict[str, Tensor] | None = None, step: int = 0) -> Tensor:
+    def forward(self, images: Tensor, params: dict[str, Tensor] | None = None, step: int = 0,
+                memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
         """Logits [T, B, classes] for images [T, B, C, H, W] (or [B, classes] for [B, C, H, W]).
 
         `params` maps names to tensors that replace the module's own parameters; a tensor with one
         more dimension than the parameter holds one copy per task. `step` selects the per-step
         BatchNorm row (clamped to the steps the network has, for longer evaluation loops).
+        `memory_format` is the activations' (`utils/backend.py` picks it: channels-last suits cuDNN, and the
+        CPU's grouped convolutions at small images).
         """
         single_task = images.dim() == 4
         if single_task:
@@ -218,7 +219,7 @@ class _FunctionalBackbone(nn.Module):
         own = dict(self.named_parameters())
         params = own if params is None else {**own, **params}
         step = min(step, self.bn_steps - 1)
-        x = _tasks_along_channels(images, self.memory_format)
+        x = _tasks_along_channels(images, memory_format)
         logits = _linear_head(self.features(x, params, own, images.shape[0], step), params)
         return logits.squeeze(0) if single_task else logits
 

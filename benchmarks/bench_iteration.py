@@ -7,6 +7,8 @@
 
 Settings (the published CxGrad configs of this repo; second order, and first order too for resnet12):
     omniglot       experiment_config/omniglot_5way_1shot/CxGrad_4conv.yaml       28x28x1, 64 filters, meta-batch 8
+    omniglot_cpu   experiment_config/omniglot_5way_1shot/CxGrad_4conv_cpu.yaml   the CPU-budget config: 32 filters,
+                                                                                  5 queries per class, first order
     mini_imagenet  experiment_config/mini_imagenet_5way_1shot/CxGrad_4conv.json  84x84x3, 48 filters, meta-batch 4,
                                                                                   15 queries per class
     resnet12       experiment_config/mini_imagenet_5way_1shot/CxGrad_resnet12.yaml  the same with ResNet-12
@@ -45,26 +47,29 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.configs import CONFIGS  # noqa: E402
 # The meta-gradient orders each setting times by default (`--orders` overrides them).
-DEFAULT_ORDERS = {"omniglot": ("second",), "mini_imagenet": ("second",), "resnet12": ("second", "first")}
+DEFAULT_ORDERS = {"omniglot": ("second",), "omniglot_cpu": ("first",), "mini_imagenet": ("second",),
+                  "resnet12": ("second", "first")}
 # name -> config overrides. The CUDA-only variants add this repo's GPU options to the batched path.
 VARIANTS = {
-    "default": {},  # what a config that does not set them runs: task_batching auto, cpu_memory_caching on
-    "loop": {"task_batching": "loop"},
-    "batched": {"task_batching": "batched"},
+    # What a config that does not set them runs: task_batching auto, channels_last unset (on for the CPU's
+    # batched path), cpu_memory_caching on. The other variants name their memory format.
+    "default": {},
+    "loop": {"task_batching": "loop", "channels_last": False},
+    "batched": {"task_batching": "batched", "channels_last": False},
     "batched_channels_last": {"task_batching": "batched", "channels_last": True},
     # The whole network in channels-last on the CPU (slower: BatchNorm's reductions, docs/PERFORMANCE.md).
     "loop_channels_last": {"task_batching": "loop", "channels_last": True},
     # What cpu_memory_caching (on by default) gains on the CPU.
-    "loop_uncached": {"task_batching": "loop", "cpu_memory_caching": False},
-    "batched_uncached": {"task_batching": "batched", "cpu_memory_caching": False},
-    "batched_bf16": {"task_batching": "batched", "mixed_precision": True},
+    "loop_uncached": {"task_batching": "loop", "channels_last": False, "cpu_memory_caching": False},
+    "batched_uncached": {"task_batching": "batched", "channels_last": False, "cpu_memory_caching": False},
+    "batched_bf16": {"task_batching": "batched", "channels_last": False, "mixed_precision": True},
     "batched_bf16_channels_last": {"task_batching": "batched", "mixed_precision": True, "channels_last": True},
     # The batched path with each training iteration captured in a CUDA graph and replayed (CUDA only).
     "batched_cuda_graphs": {"task_batching": "batched", "cuda_graphs": True},
     # What `deterministic` (the default) costs on CUDA: the batched path with cuDNN autotuning instead.
     "batched_autotuned": {"task_batching": "batched", "deterministic": False, "cudnn_benchmark": True},
     # What log_inner_loop_statistics costs (run it with --variants batched batched_statistics).
-    "batched_statistics": {"task_batching": "batched", "log_inner_loop_statistics": True},
+    "batched_statistics": {"task_batching": "batched", "channels_last": False, "log_inner_loop_statistics": True},
 }
 # Overrides that keep every operation of an iteration but make its arithmetic negligible (4 stages still fit).
 DISPATCH_SHAPES = {"image_height": 16, "image_width": 16, "cnn_num_filters": 4, "resnet_widths": [4, 4, 4, 4],
@@ -276,8 +281,8 @@ def main(argv=None) -> int:
         if not (args.official_repo / "few_shot_learning_system.py").is_file():
             parser.error(f"--official-repo {args.official_repo}: no few_shot_learning_system.py there; clone "
                          "the official code with: git clone https://github.com/shlee625/CxGrad DIR")
-        if "resnet12" in args.configs:
-            parser.error("--official-repo times the 4-CONV configs only: add --configs omniglot mini_imagenet")
+        if set(args.configs) - {"omniglot", "mini_imagenet"}:
+            parser.error("--official-repo times the published 4-CONV configs only: --configs omniglot mini_imagenet")
     import torch
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     failed = False

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import few_shot_learning_system
+import meta_neural_network_architectures
 from conftest import random_tasks, tiny_system
 from data import TaskBatch
 from few_shot_learning_system import MAMLFewShotClassifier
@@ -83,9 +84,12 @@ def test_batched_evaluation_matches_the_per_task_loop(method):
     assert torch.equal(outputs["batched"]["accuracy"], outputs["loop"]["accuracy"])
 
 
-def test_channels_last_changes_nothing_but_the_memory_format():
-    _, plain_metrics, plain_gradients = train_once(contextual_grad=True)
-    _, metrics, gradients = train_once(contextual_grad=True, channels_last=True)
+@pytest.mark.parametrize("second_order", [False, True], ids=["first_order", "second_order"])
+@pytest.mark.parametrize("channels_last", [True, None], ids=["everywhere", "unset"])
+def test_channels_last_changes_nothing_but_the_memory_format(channels_last, second_order):
+    # Unset, the CPU's batched path runs channels-last where no double backward runs through the pass.
+    _, plain_metrics, plain_gradients = train_once(contextual_grad=True, channels_last=False, second_order=second_order)
+    _, metrics, gradients = train_once(contextual_grad=True, channels_last=channels_last, second_order=second_order)
     assert metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-4)
     assert_same_meta_gradients(gradients, plain_gradients)
 
@@ -137,3 +141,17 @@ def test_compiled_backbone_gives_the_same_meta_gradients(monkeypatch, second_ord
     assert_same_meta_gradients(gradients, plain_gradients)
     evaluation = system.run_validation_iter(make_tasks())
     assert torch.isfinite(evaluation["probabilities"]).all()
+
+
+def test_unset_channels_last_keeps_nchw_where_a_double_backward_runs(monkeypatch):
+    """Second order on the CPU's batched path: NCHW support passes (a double backward runs through them),
+    channels-last query passes; first order: channels-last throughout."""
+    seen = []
+    along_channels = meta_neural_network_architectures._tasks_along_channels
+    monkeypatch.setattr(meta_neural_network_architectures, "_tasks_along_channels",
+                        lambda images, memory_format: seen.append(memory_format) or along_channels(images, memory_format))
+    steps = 3
+    for second_order, support_format in ((True, torch.contiguous_format), (False, torch.channels_last)):
+        seen.clear()
+        train_once(second_order=second_order)
+        assert seen == [support_format] * steps + [torch.channels_last], second_order

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import NamedTuple
 
 # PyTorch backs CPU tensors of 2 MB and more with transparent huge pages when this is set, so a new
 # large tensor takes one page fault per 2 MB instead of one per 4 KB (a fresh 102 MB tensor: hundreds
@@ -79,6 +80,33 @@ def keep_cpu_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # Blocks that no longer fit a heap still get an mmap: glibc falls back to it whatever M_MMAP_MAX says.
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+class MemoryFormats(NamedTuple):
+    """The activations' memory format for the forward passes without and with a double backward through
+    them (second-order support passes)."""
+    single_backward: torch.memory_format
+    double_backward: torch.memory_format
+
+
+def resolve_memory_formats(config: ExperimentConfig, device: torch.device) -> MemoryFormats:
+    """`channels_last` true or false: that format for every pass. Unset (the default): channels-last only
+    on the CPU's batched small-image path, and there only where no double backward runs through the pass.
+
+    There the tasks lie side by side along the channels (hundreds of channels, few images), where the
+    CPU's BatchNorm and max-pool are faster on channels-last activations than on NCHW ones; but a double
+    backward through the convolutions is much slower channels-last. On an AMD EPYC (AVX2), one thread, `bench_iteration.py --configs omniglot_cpu
+    omniglot --variants batched batched_channels_last --orders first second`: first order 1.32x (the CPU
+    config) and 1.12x (64 filters) faster, second order 0.60x (docs/PERFORMANCE.md). At 84x84 the CPU is
+    slower channels-last, looped or batched, and on the H200 it changed nothing measurable: NCHW there.
+    """
+    if config.channels_last is not None:
+        chosen = torch.channels_last if config.channels_last else torch.contiguous_format
+        return MemoryFormats(chosen, chosen)
+    small_batched_cpu = device.type == "cpu" and resolve_task_batching(config, device) == "batched" \
+        and config.image_height * config.image_width <= CPU_BATCHED_MAX_PIXELS
+    return MemoryFormats(torch.channels_last if small_batched_cpu else torch.contiguous_format,
+                         torch.contiguous_format)
 
 
 def resolve_task_batching(config: ExperimentConfig, device: torch.device) -> str:

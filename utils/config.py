@@ -180,7 +180,11 @@ class ExperimentConfig:
         "memory); auto: batched on CUDA and for images up to 32x32 on the CPU, else loop",
         choices=("auto", "batched", "loop"))
     mixed_precision: bool = _field(False, "bf16 autocast of the network's forward passes (CUDA, or a CPU with AVX512-BF16/AMX)")
-    channels_last: bool = _field(False, "channels_last memory format for the convolutions (helps on CUDA)")
+    channels_last: Optional[bool] = _field(
+        None, "channels_last memory format for the activations; default: on the CPU's batched path (images "
+              "up to 32x32, e.g. Omniglot) for every pass no double backward runs through (faster there on an "
+              "AVX2 CPU), off elsewhere (slower on the CPU at 84x84 and in second-order support passes, no "
+              "faster on CUDA)")
     cudnn_benchmark: bool = _field(
         False, "let cuDNN autotune its convolution algorithms (CUDA; runs then differ; needs deterministic false)")
     deterministic: bool = _field(
