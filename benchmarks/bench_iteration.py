@@ -57,7 +57,7 @@ VARIANTS = {
     "loop": {"task_batching": "loop", "channels_last": False},
     "batched": {"task_batching": "batched", "channels_last": False},
     "batched_channels_last": {"task_batching": "batched", "channels_last": True},
-    # The whole network in channels-last on the CPU (slower: BatchNorm's reductions, docs/PERFORMANCE.md).
+    # The whole network in channels-last on the CPU (slower at 84x84: BatchNorm's reductions, docs/PERFORMANCE.md).
     "loop_channels_last": {"task_batching": "loop", "channels_last": True},
     # What cpu_memory_caching (on by default) gains on the CPU.
     "loop_uncached": {"task_batching": "loop", "channels_last": False, "cpu_memory_caching": False},

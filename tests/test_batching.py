@@ -148,8 +148,12 @@ def test_unset_channels_last_keeps_nchw_where_a_double_backward_runs(monkeypatch
     channels-last query passes; first order: channels-last throughout."""
     seen = []
     along_channels = meta_neural_network_architectures._tasks_along_channels
-    monkeypatch.setattr(meta_neural_network_architectures, "_tasks_along_channels",
-                        lambda images, memory_format: seen.append(memory_format) or along_channels(images, memory_format))
+
+    def recording(images, memory_format):
+        seen.append(memory_format)
+        return along_channels(images, memory_format)
+
+    monkeypatch.setattr(meta_neural_network_architectures, "_tasks_along_channels", recording)
     steps = 3
     for second_order, support_format in ((True, torch.contiguous_format), (False, torch.channels_last)):
         seen.clear()
