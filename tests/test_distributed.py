@@ -86,11 +86,17 @@ def experiments(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process_run(toy_datasets, experiments):
-    """The reference: one process with the whole meta-batch, RANKS * TASKS_PER_RANK tasks."""
+    """The reference: one process with the whole meta-batch, RANKS * TASKS_PER_RANK tasks, on one thread
+    like each rank: the CPU's channels-last kernels sum in an order that depends on the thread count."""
     config = load_config(overrides=tiny_overrides(toy_datasets, experiments, experiment_name="one_process",
                                                   batch_size=RANKS * TASKS_PER_RANK, **RUN))
-    builder = ExperimentBuilder(config)
-    summary = builder.run_experiment()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        builder = ExperimentBuilder(config)
+        summary = builder.run_experiment()
+    finally:
+        torch.set_num_threads(threads)
     return weights(builder.model.state_dict()), builder.state["epoch_rows"], summary
 
 
