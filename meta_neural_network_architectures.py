@@ -210,8 +210,7 @@ class _FunctionalBackbone(nn.Module):
         `params` maps names to tensors that replace the module's own parameters; a tensor with one
         more dimension than the parameter holds one copy per task. `step` selects the per-step
         BatchNorm row (clamped to the steps the network has, for longer evaluation loops).
-        `memory_format` is the activations' (`utils/backend.py` picks it: channels-last suits cuDNN, and the
-        CPU's grouped convolutions at small images).
+        `memory_format` is the activations' (`utils/backend.py: resolve_memory_formats` picks it per pass).
         """
         single_task = images.dim() == 4
         if single_task:

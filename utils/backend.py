@@ -98,8 +98,8 @@ def resolve_memory_formats(config: ExperimentConfig, device: torch.device) -> Me
     backward through the convolutions is much slower channels-last. On an AMD EPYC (AVX2), one thread,
     `bench_iteration.py --configs omniglot_cpu omniglot --variants batched batched_channels_last --orders
     first second`: first order 1.32x (the CPU config) and 1.12x (64 filters) faster, second order 0.60x
-    (docs/PERFORMANCE.md). At 84x84 the CPU is
-    slower channels-last, looped or batched, and on the H200 it changed nothing measurable: NCHW there.
+    (docs/PERFORMANCE.md). At 84x84 the CPU is slower channels-last, looped or batched, and on the H200 it
+    changed nothing measurable: NCHW there.
     """
     if config.channels_last is not None:
         chosen = torch.channels_last if config.channels_last else torch.contiguous_format
