@@ -86,8 +86,9 @@ DEPARTURE_HEADERS = {("omniglot", "CxGrad_4conv"): OMNIGLOT_CXGRAD_HEADER}
 OMNIGLOT_20WAY_1SHOT_CXGRAD_HEADER = """\
 # The second, at 20 ways only: inner lr 0.05, not 0.1. Why: at 20 ways and 1 shot, first-order CxGrad at
 # inner lr 0.1 falls behind MAML++ at equal wall time; at 0.05 it learns more per iteration at the same cost
-# and stays ahead through 2,000 iterations. Validation after 500 / 1,000 / 2,000 iterations: 79.6 / 87.7 /
-# 90.5% at 0.05 (mean of 3 seeds), 76.1 / 84.3 / 88.9% at 0.1 (one seed, the same machine; docs/OMNIGLOT.md).
+# and stays ahead through 2,000 iterations. Validation after 500 / 1,000 / 2,000 iterations: 79.1-80.5 /
+# 87.2-88.0 / 90.4-90.7% at 0.05 (3 seeds), 76.1 / 84.3 / 88.9% at 0.1 (one seed, the same machine;
+# docs/OMNIGLOT.md).
 # --init_inner_loop_learning_rate 0.1 restores MAML's rate.
 """
 OMNIGLOT_20WAY_5SHOT_CXGRAD_HEADER = """\
