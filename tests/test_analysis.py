@@ -315,11 +315,16 @@ def test_runs_that_differ_only_in_seeds_are_grouped(tmp_path, capsys):
     assert "cx_lr |" not in table.split("Over seeds")[1]  # a lone run has no row over seeds
     assert "warning" not in printed.err
 
-    # The same seeds twice (e.g. one run repeated on another device) still count, and say so.
+    # The same seeds twice (e.g. one run repeated on another device) still count as a run, not as a seed.
+    assert {row["distinct_seeds"] for row in rows.values() if row["seed_group"] == seeds["seed_group"]} == {"3"}
     write_finished_run(root, "cx_s2_again", 0.95, 0.93, seed=2, device="cpu", **cxgrad)
     assert summarize_results.main([str(root)]) == 0
-    assert "cx_s2 and cx_s2_again differ only in bookkeeping keys" in capsys.readouterr().err
-    assert {row["seeds"] for row in csv.DictReader(open(root / "results.csv")) if row["method"] == "CxGrad"} == {"4", "1"}
+    printed = capsys.readouterr()
+    assert "cx_s2 and cx_s2_again differ only in bookkeeping keys" in printed.err
+    assert "4 runs of their group, which has 3 different seeds" in printed.err
+    cxgrad_rows = [row for row in csv.DictReader(open(root / "results.csv")) if row["method"] == "CxGrad"]
+    assert {(row["seeds"], row["distinct_seeds"]) for row in cxgrad_rows} == {("4", "3"), ("1", "1")}
+    assert "| cx_s0, cx_s1, cx_s2, cx_s2_again | omniglot | 5 | 1 | CxGrad | 4 runs, 3 seeds |" in printed.out
 
 
 def test_method_names():

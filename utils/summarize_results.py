@@ -11,7 +11,8 @@ printed, and written as `results.md` and `results.csv` into the scanned folder (
 
 Runs whose configs differ only in their seeds (`seed`, `train_seed`, `val_seed`) and in bookkeeping keys
 (BOOKKEEPING_KEYS: where a run is written, how fast it computes, what it logs) are repeats of one
-experiment. Each run's CSV row gives its group (`seed_group`), the group's number of runs (`seeds`), and
+experiment. Each run's CSV row gives its group (`seed_group`), the group's number of runs (`seeds`) and of
+different seed triples among them (`distinct_seeds`: fewer when a run was repeated, e.g. on another device), and
 the mean and sample standard deviation over them of the ensemble and best-single-model test accuracy
 (the std is blank for a lone run); the markdown adds one row per group of two or more runs.
 """
@@ -142,15 +143,17 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
 
 
 def group_over_seeds(results: list[dict[str, Any]]) -> None:
-    """Give each run its group's number (`seed_group`), size (`seeds`), and the mean and sample std over the
-    group of OVER_SEEDS (std "" for a lone run). Runs of a group that share their seeds too are reported:
-    they still count as two (e.g. the same run on two devices)."""
+    """Give each run its group's number (`seed_group`), size (`seeds`), number of different seed triples
+    (`distinct_seeds`), and the mean and sample std over the group of OVER_SEEDS (std "" for a lone run).
+    Runs of a group that share their seeds too are reported: they still count as two runs (e.g. the same
+    run on two devices, whose arithmetic differs), but not as two seeds."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for result in results:
         experiment, _ = result["_replicate"]
         groups.setdefault(experiment, []).append(result)
     for number, runs in enumerate(groups.values(), 1):
-        over_seeds: dict[str, Any] = {"seed_group": number, "seeds": len(runs)}
+        over_seeds: dict[str, Any] = {"seed_group": number, "seeds": len(runs),
+                                      "distinct_seeds": len({run["_replicate"][1] for run in runs})}
         for key in OVER_SEEDS:
             values = [run[key] for run in runs]
             over_seeds[f"{key}_mean_over_seeds"] = statistics.mean(values)
@@ -160,8 +163,8 @@ def group_over_seeds(results: list[dict[str, Any]]) -> None:
             _, seeds = run.pop("_replicate")
             if seeds and seeds in seen:
                 print(f"warning: {seen[seeds]} and {run['experiment']} differ only in bookkeeping keys, seeds "
-                      f"included ({dict(zip(SEED_KEYS, seeds))}); both count among the {len(runs)} seeds of "
-                      f"their group", file=sys.stderr)
+                      f"included ({dict(zip(SEED_KEYS, seeds))}); both count among the {len(runs)} runs of "
+                      f"their group, which has {over_seeds['distinct_seeds']} different seeds", file=sys.stderr)
             seen.setdefault(seeds, run["experiment"])
             run.update(over_seeds)
 
@@ -197,6 +200,13 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_cell(result: dict[str, Any]) -> str:
+    """'3', or '4 runs, 2 seeds' when some runs of the group repeat another's seeds."""
+    if result["distinct_seeds"] == result["seeds"]:
+        return str(result["seeds"])
+    return f"{result['seeds']} runs, {result['distinct_seeds']} seeds"
+
+
 def seeds_table(results: list[dict[str, Any]]) -> str:
     """Markdown, one row per group of two or more runs that differ only in their seeds; "" when there is none."""
     groups: dict[int, list[dict[str, Any]]] = {}
@@ -212,7 +222,7 @@ def seeds_table(results: list[dict[str, Any]]) -> str:
     for runs in repeated:
         r = runs[0]
         cells = [", ".join(run["experiment"] for run in runs), r["dataset"], str(r["ways"]), str(r["shots"]),
-                 r["method"], str(r["seeds"])]
+                 r["method"], seeds_cell(r)]
         cells += [_accuracy(r[f"{key}_mean_over_seeds"], r[f"{key}_std_over_seeds"]) for key in OVER_SEEDS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
