@@ -277,6 +277,8 @@ def test_two_ranks_on_a_folder_another_run_trains_in_both_stop_at_once(toy_datas
         finally:
             for rank in ranks:
                 rank.kill()
+    for rank, error in enumerate(errors):  # whole, in the report of a failure: the assertion's message is cut
+        print(f"--- rank {rank}, exit code {ranks[rank].returncode}, stderr ---\n{error}")
     assert [rank.returncode for rank in ranks] == [2, 2], errors
     assert f"error: rank 0: {tmp_path / 'busy'} is in use by another training run (pid {holder.pid} " in errors[0]
     assert "error: rank 1: rank 0 stopped the run: " in errors[1] and "Traceback" not in errors[1]
