@@ -6,6 +6,10 @@
     python tests/distributed_worker.py die_in_epoch EPOCH TRAIN_MAML_SYSTEM_ARGUMENTS...
         train_maml_system.py, except that the last rank dies (exit code 3, no cleanup) when
         `EPOCH` starts, like a crashed process or a lost machine.
+    python tests/distributed_worker.py threads_after_run TRAIN_MAML_SYSTEM_ARGUMENTS...
+        train_maml_system.py, then each rank prints the names of its process's threads that are still
+        alive ("rank R threads: [...]"): the process group's own (gloo's) must have ended with the run,
+        before the interpreter's exit, where they can abort the process.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import json
 import os
 import sys
 from contextlib import closing
+from pathlib import Path
 
 import torch
 
@@ -28,9 +33,8 @@ def gradients(overrides_json: str, output: str) -> None:
     config = load_config(overrides=json.loads(overrides_json))
     with distributed.session(torch.device("cpu"), timeout_s=60) as context:
         builder = ExperimentBuilder(config, context)
-        # The provider's batch-preparing threads end with the block, as in training: left running into the
-        # interpreter's exit, one of them inside a torch operation can abort the rank ("terminate called
-        # without an active exception", seen once in CI).
+        # The provider's batch-preparing threads end with the block, as in training: no thread of ours
+        # should run into the interpreter's exit (see test_the_process_group_and_its_threads_end_with_the_run).
         with closing(FewShotDataProvider(config, splits=("train",),
                                          first_train_task=context.rank * config.batch_size)) as provider:
             model = builder.model
@@ -60,6 +64,15 @@ def die_in_epoch(epoch: str, *arguments: str) -> int:
     return train_maml_system.main(list(arguments))
 
 
+def threads_after_run(*arguments: str) -> int:
+    exit_code = train_maml_system.main(list(arguments))
+    tasks = Path("/proc/self/task")  # one entry per thread of this process (Linux)
+    names = sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+    print(f"rank {os.environ['RANK']} threads: {json.dumps(names)}", flush=True)
+    return exit_code
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    sys.exit({"gradients": gradients, "die_in_epoch": die_in_epoch}[mode](*rest))
+    modes = {"gradients": gradients, "die_in_epoch": die_in_epoch, "threads_after_run": threads_after_run}
+    sys.exit(modes[mode](*rest))

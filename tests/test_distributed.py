@@ -119,6 +119,22 @@ def test_meta_gradients_of_tasks_split_over_two_ranks_equal_one_process(toy_data
         torch.testing.assert_close(split[name], gradient, **GRADIENT_TOLERANCE, msg=named(name))
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists a process's threads through Linux's /proc")
+def test_the_process_group_and_its_threads_end_with_the_run(toy_datasets, tmp_path):
+    """A process group that outlives the run (something still holds it after destroy_process_group) keeps
+    gloo's threads running into the interpreter's exit, where one can abort the rank by SIGABRT
+    ("terminate called without an active exception") after a run that worked: CI saw it now and then.
+    Importing torch._dynamo once a group exists (the first optimizer does) was such a holder."""
+    overrides = tiny_overrides(toy_datasets, tmp_path, experiment_name="threads", batch_size=TASKS_PER_RANK,
+                               total_epochs=1, total_iter_per_epoch=1, num_evaluation_tasks=4,
+                               evaluation_batch_size=2, contextual_grad=True)
+    done = torchrun(RANKS, "tests/distributed_worker.py", "threads_after_run", *command_line(overrides))
+    threads = dict(line.split(" threads: ") for line in done.stdout.splitlines() if " threads: " in line)
+    assert sorted(threads) == [f"rank {rank}" for rank in range(RANKS)], done.stdout
+    for rank, names in threads.items():
+        assert "gloo" not in names, f"{rank} still runs the process group's threads after the run: {names}"
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(toy_datasets, experiments):
     """The same training on RANKS ranks with TASKS_PER_RANK tasks each, through the command line."""

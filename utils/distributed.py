@@ -28,6 +28,12 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+# Imported before any process group exists, on purpose: importing it (torch.optim does, on the first
+# optimizer) while one exists keeps hidden references to the group, which then outlives
+# destroy_process_group; its gloo threads run on into the interpreter's exit, where releasing a tensor
+# makes one abort the rank ("terminate called without an active exception", SIGABRT) after a run that
+# worked. tests/test_distributed.py checks that the threads end with the session.
+import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 
 from utils.config import ConfigError
