@@ -153,11 +153,13 @@ class DistributedContext:
         return gathered
 
     def stop(self) -> None:
-        """Leave the process group; rank 0, whose process hosts the rendezvous store, goes last.
+        """Leave the process group; rank 0 goes last.
 
-        A rank whose gloo threads still talk to the store after rank 0's process has gone can abort at exit
-        ("terminate called without an active exception"), so each other rank says through the store when
-        it has left, and rank 0 waits for that (up to a few seconds: a rank that died says nothing).
+        Ranks started by hand (MASTER_ADDR/PORT, no torchrun agent) use a store that rank 0's process
+        hosts, so each other rank says through the store when it has left, and rank 0 waits for that (up
+        to a few seconds: a rank that died says nothing). Under torchrun the agent hosts it; the wait is
+        then only a last meeting. (The exit aborts once blamed on this came from a group kept alive past
+        this call: see the torch._dynamo import above.)
         """
         if not (self.initialized and dist.is_initialized()):
             return
