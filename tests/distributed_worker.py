@@ -68,7 +68,10 @@ def threads_after_run(*arguments: str) -> int:
     exit_code = train_maml_system.main(list(arguments))
     tasks = Path("/proc/self/task")  # one entry per thread of this process (Linux)
     names = sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
-    print(f"rank {os.environ['RANK']} threads: {json.dumps(names)}", flush=True)
+    # One write of the whole line: the ranks share torchrun's stdout, and print()'s separate write of the
+    # newline let the two ranks' lines run together.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"rank {os.environ['RANK']} threads: {json.dumps(names)}\n".encode())
     return exit_code
 
 

@@ -156,9 +156,9 @@ class DistributedContext:
         """Leave the process group; rank 0 goes last.
 
         Ranks started by hand (MASTER_ADDR/PORT, no torchrun agent) use a store that rank 0's process
-        hosts, so each other rank says through the store when it has left, and rank 0 waits for that (up
-        to a few seconds: a rank that died says nothing). Under torchrun the agent hosts it; the wait is
-        then only a last meeting. (The exit aborts once blamed on this came from a group kept alive past
+        hosts; so that no rank still leaving loses it, each other rank says through the store when it has
+        left, and rank 0 waits for that (up to a few seconds: a rank that died says nothing). Under
+        torchrun the agent hosts the store; the wait is then only a last meeting. (The exit aborts once blamed on this came from a group kept alive past
         this call: see the torch._dynamo import above.)
         """
         if not (self.initialized and dist.is_initialized()):
