@@ -158,8 +158,8 @@ class DistributedContext:
         Ranks started by hand (MASTER_ADDR/PORT, no torchrun agent) use a store that rank 0's process
         hosts; so that no rank still leaving loses it, each other rank says through the store when it has
         left, and rank 0 waits for that (up to a few seconds: a rank that died says nothing). Under
-        torchrun the agent hosts the store; the wait is then only a last meeting. (The exit aborts once blamed on this came from a group kept alive past
-        this call: see the torch._dynamo import above.)
+        torchrun the agent hosts the store; the wait is then only a last meeting. (The exit aborts once
+        blamed on this came from a group kept alive past this call: see the torch._dynamo import above.)
         """
         if not (self.initialized and dist.is_initialized()):
             return
