@@ -65,7 +65,7 @@ candidate h200_5way_64f_12ep_mb32 "$five_way" --init_inner_loop_learning_rate 0.
 candidate h200_5way_64f_12ep_mb32_graphs "$five_way" --init_inner_loop_learning_rate 0.1 --cnn_num_filters 64 \
     --total_epochs 12 --batch_size 32 --cuda_graphs true &
 # 20-way 1-shot: the shipped CPU config (87.73% over 3 seeds on the CPU, 2,000 iterations) widened to 64
-# filters, with twice its meta-batch and twice its epochs (not run on the CPU).
+# filters, with 4 times its meta-batch (16 tasks) and twice its epochs (not run on the CPU).
 candidate h200_20way_64f_10ep_mb16 "$twenty_way" --cnn_num_filters 64 --total_epochs 10 --batch_size 16 &
 wait $(jobs -p | grep -v "^$monitor$")
 kill "$monitor" 2>/dev/null
@@ -74,8 +74,9 @@ echo "GPU load every 30 s: $(tr '\n' ';' < "$logs/gpu_load.txt")" | tee -a "$sum
 
 say "results (wall_s: training + validation so far; total_wall_s adds the test and the setup)"
 "$python" - "$logs" "$experiments" <<'PY' | tee -a "$summary"
-import csv, json, sys
+import json, sys
 from pathlib import Path
+from utils.summarize_results import read_epoch_rows  # run from the repository's root
 logs, experiments = Path(sys.argv[1]), Path(sys.argv[2])
 for jsonl in sorted(logs.glob("*.jsonl")):
     name = jsonl.stem
@@ -91,13 +92,13 @@ for jsonl in sorted(logs.glob("*.jsonl")):
                   f"{100 * line['best_val_accuracy']:.1f}%, {line['iterations']} iterations, "
                   f"train+val {line['train_val_wall_s']:.0f} s, total {line['total_wall_s']:.0f} s")
 for folder in sorted(experiments.iterdir()) if experiments.exists() else []:
-    csv_file = folder / "logs" / "summary_statistics.csv"
-    if (logs / f"{folder.name}.jsonl").exists() or not csv_file.exists():
+    rows = read_epoch_rows(folder)
+    if (logs / f"{folder.name}.jsonl").exists() or not rows:
         continue  # finished runs are above; a run that wrote no epoch has only its log
     wall, epochs = 0.0, []
-    for row in csv.DictReader(open(csv_file)):
-        wall += float(row["epoch_time_s"])
-        epochs.append(f"{100 * float(row['val_accuracy_mean']):.1f}% @ {wall:.0f} s")
+    for row in rows:
+        wall += row["epoch_time_s"]
+        epochs.append(f"{100 * row['val_accuracy_mean']:.1f}% @ {wall:.0f} s")
     print(f"{folder.name}: CUT by the limit, no test; val per epoch: " + ", ".join(epochs))
 PY
 grep -L "Ensemble" "$logs"/h200_*.log 2>/dev/null | while read -r log; do
