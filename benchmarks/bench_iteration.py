@@ -14,7 +14,8 @@ Settings (the published CxGrad configs of this repo; second order, and first ord
     resnet12       experiment_config/mini_imagenet_5way_1shot/CxGrad_resnet12.yaml  the same with ResNet-12
                                                                                   (widths 64-160-320-640)
 `--orders` chooses the meta-gradient orders to time (default: each setting's own, above); each order
-gets its own lines and summary. ResNet-12 at 84x84 costs tens of seconds per iteration on a small CPU.
+gets its own lines and summary. `--set KEY=VALUE ...` changes any config key of every setting (not the keys a
+variant sets), e.g. `--set batch_size=32 cnn_num_filters=64` times a candidate of benchmarks/h200_targets.sh. ResNet-12 at 84x84 costs tens of seconds per iteration on a small CPU.
 
 The base variant and the first one against it are also timed at "dispatch" shapes: the same config, so the same sequence of operations, on
 16x16 images with 4 filters and 1 query per class, where the arithmetic is negligible and the time is what
@@ -104,21 +105,33 @@ def rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def parse_overrides(assignments: list[str]) -> dict[str, str]:
+    """`["batch_size=32", ...]` -> {"batch_size": "32"}; the config loader converts and checks the values."""
+    overrides = {}
+    for assignment in assignments:
+        key, equals, value = assignment.partition("=")
+        if not equals or not key or not value:
+            raise ValueError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set batch_size=32")
+        overrides[key] = value
+    return overrides
+
+
 def measure(config_name: str, device_name: str, variant: str, iterations: int, warmup: int,
             profile: bool = False, dispatch_shapes: bool = False, count_operations: bool = False,
-            order: str = "second") -> dict:
+            order: str = "second", config_overrides: dict | None = None) -> dict:
     """Build the model, run warm-up iterations, then time `iterations` meta-training iterations.
 
-    `order` is the meta-gradient's ("first" or "second"). `count_operations` (always at the dispatch
-    shapes) adds the aten calls of one more iteration.
+    `order` is the meta-gradient's ("first" or "second"); `config_overrides` are `--set`'s, which
+    the variant's and the dispatch shapes' own override in turn. `count_operations` (always at the
+    dispatch shapes) adds the aten calls of one more iteration.
     """
     import torch
     from few_shot_learning_system import MAMLFewShotClassifier
     from utils.backend import configure_backend
     from utils.config import load_config
 
-    overrides = {"device": device_name, "show_progress": False, "second_order": order == "second",
-                 **VARIANTS[variant], **(DISPATCH_SHAPES if dispatch_shapes else {})}
+    overrides = {**(config_overrides or {}), "device": device_name, "show_progress": False,
+                 "second_order": order == "second", **VARIANTS[variant], **(DISPATCH_SHAPES if dispatch_shapes else {})}
     config = load_config(CONFIGS[config_name], overrides)
     device = torch.device(device_name)
     configure_backend(config, device)  # each setting runs in its own process, as training does
@@ -161,7 +174,10 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
               "threads": torch.get_num_threads(), "iterations": iterations,
               "median_s_per_iter": statistics.median(times), "min_s_per_iter": min(times),
               "median_cpu_s_per_iter": statistics.median(cpu_times),
-              "second_order": model.use_second_order(0), "meta_batch": config.batch_size}
+              "second_order": model.use_second_order(0), "meta_batch": config.batch_size,
+              "filters": config.cnn_num_filters}
+    if config_overrides:
+        result["set"] = config_overrides
     if aten_calls is not None:
         result["aten_calls_per_iter"] = aten_calls
     if cuda:
@@ -185,6 +201,8 @@ def run_setting(config_name: str, device_name: str, variant: str, args, dispatch
                     "error": str(error).splitlines()[-1:]}
     command = [sys.executable, __file__, "--worker", config_name, device_name, variant,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--order", order]
+    if args.set:
+        command += ["--set", *args.set]
     if dispatch_shapes:
         command.append("--dispatch-shapes")
     environment = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
@@ -268,12 +286,23 @@ def main(argv=None) -> int:
                              "(benchmarks/bench_official.py) and every variant's speed-up is against it")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every variant this many times, round-robin; report medians over rounds")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every setting, e.g. --set batch_size=32 cnn_num_filters=64 "
+                             "(a variant's own keys win)")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "DEVICE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker or args.profile:
-        print(json.dumps(measure(*(args.worker or args.profile), args.iterations, args.warmup,
+    from utils.config import load_config
+    single = args.worker or args.profile
+    try:
+        config_overrides = parse_overrides(args.set)
+        for config_name in [single[0]] if single else args.configs:
+            load_config(CONFIGS[config_name], config_overrides)  # a misspelt key or a bad value stops here, not per setting
+    except ValueError as error:  # ConfigError is one
+        parser.error(str(error))
+    if single:
+        print(json.dumps(measure(*single, args.iterations, args.warmup,
                                  profile=bool(args.profile), dispatch_shapes=args.dispatch_shapes,
-                                 order=args.order)), flush=True)
+                                 order=args.order, config_overrides=config_overrides)), flush=True)
         return 0
 
     if args.official_repo:
@@ -283,6 +312,8 @@ def main(argv=None) -> int:
                          "the official code with: git clone https://github.com/shlee625/CxGrad DIR")
         if set(args.configs) - {"omniglot", "mini_imagenet"}:
             parser.error("--official-repo times the published 4-CONV configs only: --configs omniglot mini_imagenet")
+        if args.set:
+            parser.error("--official-repo times the official code at the published settings: drop --set")
     import torch
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     failed = False
@@ -312,6 +343,8 @@ def main(argv=None) -> int:
         base = results[base_name]
         summary = {"config": config_name, "device": device_name, "second_order": order == "second",
                    "summary": True, "rounds": args.rounds}
+        if config_overrides:
+            summary["set"] = config_overrides
         for variant in variants[1:]:
             result = results[variant]
             # The median of the per-round ratios: each ratio compares runs made minutes apart.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go (about 8 minutes on one H100/H200):
 #   1. bench_iteration.py on CUDA: per-task loop vs batched (and bf16 + channels_last), both configs, with
-#      the dispatch-shape timings that tell how much of an iteration the host spends issuing operations;
+#      the dispatch-shape timings that tell how much of an iteration the host spends issuing operations,
+#      and the seconds per iteration of h200_targets.sh's meta-batch-32 candidate, eager and CUDA graphs;
 #   2. the Omniglot CPU-budget configs trained on the GPU, at once: CxGrad float32, CxGrad bf16
 #      (mixed_precision) and MAML float32, all with log_inner_loop_statistics; then the results table and
 #      the MAML-vs-CxGrad gradient-norm plot (issue 13's H200 targets have their own call:
@@ -40,6 +41,10 @@ say "preprocess omniglot"
 if [ -z "${SKIP_BENCH:-}" ]; then
     say "bench_iteration (CUDA, nothing else running)"
     timeout 330 "$python" benchmarks/bench_iteration.py --configs omniglot mini_imagenet --devices cuda \
+        --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
+    say "bench_iteration: h200_targets.sh's 5-way candidate (first order, 64 filters, meta-batch 32)"
+    timeout 120 "$python" benchmarks/bench_iteration.py --configs omniglot_cpu --devices cuda \
+        --variants batched batched_cuda_graphs --set batch_size=32 cnn_num_filters=64 \
         --iterations 10 --warmup 3 2>&1 | tee -a "$summary"
 fi
 

@@ -34,6 +34,26 @@ def test_command_line_prints_each_setting_and_the_ratios(capsys):
     assert summary["speedup_bound_ideal_vs_loop"] == lines[0]["median_s_per_iter"] / max(loop_arithmetic, 1e-12)
 
 
+def test_set_changes_the_config_of_every_setting_and_its_worker_process(capsys):
+    """`--set` reaches the subprocess that times each setting, and the lines say what was set."""
+    assert bench_iteration.main(["--configs", "omniglot", "--devices", "cpu", "--threads", "1", "--variants",
+                                 "batched", "--no-dispatch", "--iterations", "1", "--warmup", "0",
+                                 "--set", "batch_size=2", "cnn_num_filters=8"]) == 0
+    setting, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert setting["meta_batch"] == 2 and setting["filters"] == 8
+    assert setting["set"] == summary["set"] == {"batch_size": "2", "cnn_num_filters": "8"}
+
+
+def test_set_with_a_bad_key_value_or_form_stops_before_timing_anything(capsys):
+    import pytest
+    for assignment, message in [("batch_sise=2", "batch_sise"), ("batch_size=two", "batch_size"),
+                                ("batch_size", "expected KEY=VALUE")]:
+        with pytest.raises(SystemExit):
+            bench_iteration.main(["--configs", "omniglot", "--devices", "cpu", "--set", assignment])
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == ""
+
+
 def test_dispatch_shapes_keep_the_operations_and_shrink_the_arithmetic():
     """The dispatch setting must run the same operations as the config (same steps, tasks, stages, order),
     only on tensors small enough that their arithmetic is negligible."""
