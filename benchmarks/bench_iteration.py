@@ -14,8 +14,9 @@ Settings (the published CxGrad configs of this repo; second order, and first ord
     resnet12       experiment_config/mini_imagenet_5way_1shot/CxGrad_resnet12.yaml  the same with ResNet-12
                                                                                   (widths 64-160-320-640)
 `--orders` chooses the meta-gradient orders to time (default: each setting's own, above); each order
-gets its own lines and summary. `--set KEY=VALUE ...` changes any config key of every setting (not the keys a
-variant sets), e.g. `--set batch_size=32 cnn_num_filters=64` times a candidate of benchmarks/h200_targets.sh. ResNet-12 at 84x84 costs tens of seconds per iteration on a small CPU.
+gets its own lines and summary. ResNet-12 at 84x84 costs tens of seconds per iteration on a small CPU.
+`--set KEY=VALUE ...` changes any config key of every setting (not the keys a variant sets), e.g.
+`--set batch_size=32 cnn_num_filters=64` times a candidate of benchmarks/h200_targets.sh.
 
 The base variant and the first one against it are also timed at "dispatch" shapes: the same config, so the same sequence of operations, on
 16x16 images with 4 filters and 1 query per class, where the arithmetic is negligible and the time is what
@@ -131,7 +132,8 @@ def measure(config_name: str, device_name: str, variant: str, iterations: int, w
     from utils.config import load_config
 
     overrides = {**(config_overrides or {}), "device": device_name, "show_progress": False,
-                 "second_order": order == "second", **VARIANTS[variant], **(DISPATCH_SHAPES if dispatch_shapes else {})}
+                 "second_order": order == "second", **VARIANTS[variant],
+                 **(DISPATCH_SHAPES if dispatch_shapes else {})}
     config = load_config(CONFIGS[config_name], overrides)
     device = torch.device(device_name)
     configure_backend(config, device)  # each setting runs in its own process, as training does
@@ -296,7 +298,8 @@ def main(argv=None) -> int:
     try:
         config_overrides = parse_overrides(args.set)
         for config_name in [single[0]] if single else args.configs:
-            load_config(CONFIGS[config_name], config_overrides)  # a misspelt key or a bad value stops here, not per setting
+            # A misspelt key or a bad value stops here, before any setting is timed.
+            load_config(CONFIGS[config_name], config_overrides)
     except ValueError as error:  # ConfigError is one
         parser.error(str(error))
     if single:

@@ -58,8 +58,8 @@ monitor=$!
 # validation (test 98.17%), so more of the same iterations will not reach 99%. What a GPU should give
 # nearly for free is tasks: the batched path computes all of a meta-batch's tasks in the same operations,
 # and at a meta-batch of 32 the CPU run validated at 99.0% after 9 epochs and tested 99.14% after 12
-# (about 92 minutes of epochs on a 2-core CPU). The host's time per iteration
-# is what bounds the GPU, so the same run again with each training iteration replayed from a CUDA graph.
+# (about 92 minutes of epochs on a 2-core CPU). The host's time per iteration is what bounds the GPU,
+# so the same run again with each training iteration replayed from a CUDA graph.
 candidate h200_5way_64f_9ep "$five_way" --init_inner_loop_learning_rate 0.1 --cnn_num_filters 64 --total_epochs 9 &
 candidate h200_5way_64f_12ep_mb32 "$five_way" --init_inner_loop_learning_rate 0.1 --cnn_num_filters 64 \
     --total_epochs 12 --batch_size 32 &
