@@ -7,7 +7,7 @@ One folder per setting (`{dataset}_{N}way_{K}shot/`), one file per method: `maml
 the CxGrad paper's protocol (CXGRAD.md's table) for the ImageNet-style datasets, and MAML++'s
 Omniglot configs for Omniglot. A config that departs from them (DEPARTURES; SETTING_DEPARTURES for one
 setting only) is written as YAML instead, `CxGrad_4conv.yaml`, with a header that says how and why. The
-CPU-budget Omniglot configs (`*_cpu.yaml`) are written by hand.
+CPU-budget Omniglot configs (`*_cpu.yaml`) and the one-GPU 5-way ones (`*_gpu.yaml`) are written by hand.
 
 mini- and tiered-ImageNet also get `maml_resnet12.yaml`, `maml++_resnet12.yaml` and
 `CxGrad_resnet12.yaml`: the same settings with the ResNet-12 backbone, as YAML so that a header can

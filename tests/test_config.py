@@ -146,6 +146,21 @@ def test_omniglot_cpu_configs_are_twins():
         assert maml_plus_plus.experiment_name == f"omniglot_{setting}_maml++_4conv_cpu"
 
 
+def test_omniglot_gpu_configs_are_the_cpu_config_scaled_up():
+    """The one-GPU 5-way configs are the CPU-budget ones with 64 filters, 32 tasks per meta-batch and 12
+    epochs (CxGrad's inner lr back to 0.1), and the two are twins: only contextual_grad tells them apart."""
+    folder = REPO / "experiment_config" / "omniglot_5way_1shot"
+    scaled_up = {"cnn_num_filters": 64, "batch_size": 32, "total_epochs": 12, "init_inner_loop_learning_rate": 0.1}
+    for method in ("CxGrad", "maml"):
+        gpu, cpu = load_config(folder / f"{method}_4conv_gpu.yaml"), load_config(folder / f"{method}_4conv_cpu.yaml")
+        assert differing_keys(gpu, cpu) <= {"experiment_name", *scaled_up}, method
+        assert {key: getattr(gpu, key) for key in scaled_up} == scaled_up, method
+        assert gpu.experiment_name == f"omniglot_5way_1shot_{method}_4conv_gpu"
+    cxgrad, maml = load_config(folder / "CxGrad_4conv_gpu.yaml"), load_config(folder / "maml_4conv_gpu.yaml")
+    assert differing_keys(cxgrad, maml) == {"experiment_name", "contextual_grad"}
+    assert cxgrad.contextual_grad and not maml.contextual_grad
+
+
 def test_yaml_and_command_line_overrides(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"batch_size": 3, "contextual_grad": True, "dataset_name": "omniglot"}))
