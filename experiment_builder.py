@@ -333,7 +333,11 @@ class ExperimentBuilder:
 
     # ------------------------------------------------------------------ the ensemble test
     def run_ensemble_test(self) -> dict[str, Any]:
-        """Average the softmax outputs of the best epochs on the fixed test tasks; write the summary."""
+        """Average the softmax outputs of the best epochs on the fixed test tasks; write the summary.
+
+        `test_time_s` in the summary is this method's wall time (reading the checkpoints and the test split,
+        then every model on every test task), which the training's `epoch_time_s` leave out."""
+        started = time.monotonic()
         config = self.config
         checkpoint, path = self.checkpoints.newest_valid()
         if checkpoint is None:
@@ -368,7 +372,7 @@ class ExperimentBuilder:
                    "best_single_model_epoch": best_single["epoch"],
                    "best_single_model_test_accuracy": best_single["test_accuracy"],
                    "best_single_model_test_confidence_95": best_single["test_confidence_95"],
-                   "models": per_model}
+                   "models": per_model, "test_time_s": time.monotonic() - started}
         if not self.distributed.is_main:
             return summary
         cross_domain = test_name if config.test_dataset else None
@@ -378,7 +382,7 @@ class ExperimentBuilder:
         print(f"Ensemble of {len(per_model)} models (epochs {epochs}) on {test_name} test, "
               f"{len(ensemble_accuracy)} tasks: accuracy {100 * accuracy:.2f}% +- {100 * interval:.2f}% "
               f"(best single model: {100 * best_single['test_accuracy']:.2f}% "
-              f"+- {100 * best_single['test_confidence_95']:.2f}%)", flush=True)
+              f"+- {100 * best_single['test_confidence_95']:.2f}%) in {summary['test_time_s']:.0f} s", flush=True)
         return summary
 
     def run_experiment(self) -> Optional[dict[str, Any]]:

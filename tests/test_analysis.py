@@ -248,6 +248,7 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
             assert float(row[key]) == pytest.approx(summary[key])
         assert int(row["epochs"]) == 2
         assert float(row["wall_time_s"]) == pytest.approx(sum(float(e["epoch_time_s"]) for e in epochs))
+        assert float(row["test_time_s"]) == pytest.approx(summary["test_time_s"]) and summary["test_time_s"] > 0
         cell = f"{100 * summary['ensemble_test_accuracy']:.2f} +- {100 * summary['ensemble_test_confidence_95']:.2f}"
         assert cell in printed.out and cell in (root / "results.md").read_text()
     cross = json.loads(ExperimentPaths(root / "maml").test_summary("toy_other").read_text())
@@ -307,6 +308,7 @@ def test_runs_that_differ_only_in_seeds_are_grouped(tmp_path, capsys):
     assert float(seeds["best_single_model_test_accuracy_std_over_seeds"]) == pytest.approx(np.std([0.89, 0.90, 0.93], ddof=1))
     assert float(rows["cx_s2"]["ensemble_test_confidence_95"]) == 0.01  # each run keeps its own CI
     assert rows["cx_lr"]["ensemble_test_accuracy_std_over_seeds"] == ""
+    assert rows["cx_s0"]["test_time_s"] == ""  # a summary written before the test's time was logged
 
     table = (root / "results.md").read_text()
     assert table == printed.out.split("wrote ")[0]

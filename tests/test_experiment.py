@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def test_resume_is_exact(tiny_config, method):
 
 def test_experiment_files_checkpoints_and_ensemble_summary(tiny_config):
     config = tiny_config(contextual_grad=True, total_epochs=4, max_models_to_save=2)
+    started = time.monotonic()
     builder, summary = run(config)
     folder = config.experiment_folder
     paths = ExperimentPaths(folder)
@@ -83,6 +85,8 @@ def test_experiment_files_checkpoints_and_ensemble_summary(tiny_config):
     saved = json.loads(paths.test_summary().read_text())
     assert saved == json.loads(json.dumps(summary))
     assert list(csv.DictReader(open(paths.test_summary(suffix=".csv"))))[0]["ensemble_test_accuracy"]
+    # The test's own wall time, which the epochs' times leave out: more than nothing, less than the whole run.
+    assert 0 < saved["test_time_s"] < time.monotonic() - started
     assert [m["epoch"] for m in saved["models"]] == best
     provider = FewShotDataProvider(config, input_statistics=lambda: builder.state["normalisation"], splits=("test",))
     batches = list(provider.evaluation_batches("test", config.num_evaluation_tasks, 4))

@@ -70,6 +70,7 @@ def test_a_tiny_run_prints_epochs_thresholds_and_the_test(toy_datasets, tmp_path
     assert (test["epochs"], test["iterations"], test["models"]) == (2, 6, 2)
     assert test["train_val_wall_s"] == epochs[-1]["wall_s"]
     assert test["total_wall_s"] > test["train_val_wall_s"] > 0  # the total adds the test, checkpoints, loading
+    assert 0 < test["test_wall_s"] < test["total_wall_s"] - test["train_val_wall_s"]
     assert test["overrides"][:2] == ["--total_epochs", "2"]
     assert out.read_text().splitlines() == ['{"earlier": "run"}'] + printed.out.splitlines()  # appended
 

@@ -6,7 +6,8 @@ A finished experiment is a folder holding `test_summary.json` (written by the en
 each one the table gives the dataset, ways, shots, the method (from its `config.yaml`), the ensemble
 and best-single-model test accuracy +- the 95% confidence interval, the epochs trained, the training
 wall time (the sum of `epoch_time_s` in `logs/summary_statistics.csv`: training and validation,
-not the test), and one column per cross-domain test set (`test_summary_DATASET.json`). The table is
+not the test), the ensemble test's wall time (`test_time_s` in the summary; blank for summaries written
+before it was logged), and one column per cross-domain test set (`test_summary_DATASET.json`). The table is
 printed, and written as `results.md` and `results.csv` into the scanned folder (or --out).
 
 Runs whose configs differ only in their seeds (`seed`, `train_seed`, `val_seed`) and in bookkeeping keys
@@ -115,6 +116,7 @@ def experiment_result(folder: Path) -> dict[str, Any]:
            "best_single_model_test_accuracy": summary["best_single_model_test_accuracy"],
            "best_single_model_test_confidence_95": summary["best_single_model_test_confidence_95"],
            "epochs": len(epochs), "wall_time_s": sum(row["epoch_time_s"] for row in epochs),
+           "test_time_s": summary.get("test_time_s", ""),
            "seed": seeds[0] if seeds else "", "cross_domain": {},
            "_replicate": (experiment, seeds)}  # popped by group_over_seeds
     for path in ExperimentPaths(folder).cross_domain_summaries():
@@ -188,13 +190,14 @@ def cross_domain_datasets(results: list[dict[str, Any]]) -> list[str]:
 def markdown_table(results: list[dict[str, Any]]) -> str:
     crosses = cross_domain_datasets(results)
     header = (["experiment", "dataset", "ways", "shots", "method", "ensemble test acc. (%)", "best single model (%)",
-               "epochs", "wall time"] + [f"-> {name} (ensemble, %)" for name in crosses])
+               "epochs", "wall time", "test time"] + [f"-> {name} (ensemble, %)" for name in crosses])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["experiment"], r["dataset"], str(r["ways"]), str(r["shots"]), r["method"],
                  _accuracy(r["ensemble_test_accuracy"], r["ensemble_test_confidence_95"]),
                  _accuracy(r["best_single_model_test_accuracy"], r["best_single_model_test_confidence_95"]),
-                 str(r["epochs"]), format_duration(r["wall_time_s"]) if r["epochs"] else ""]
+                 str(r["epochs"]), format_duration(r["wall_time_s"]) if r["epochs"] else "",
+                 format_duration(r["test_time_s"]) if r["test_time_s"] != "" else ""]
         cells += [_accuracy(*r["cross_domain"][name]) if name in r["cross_domain"] else "" for name in crosses]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
