@@ -255,6 +255,9 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
     assert float(rows["maml"]["toy_other_ensemble_test_accuracy"]) == pytest.approx(cross["ensemble_test_accuracy"])
     assert rows["cxgrad"]["toy_other_ensemble_test_accuracy"] == ""
     assert "-> toy_other" in (root / "results.md").read_text()
+    # The markdown table's "test time" column shows the same seconds the CSV holds, in words.
+    for cells in per_run_table(root / "results.md"):
+        assert cells["test time"] == summarize_results.format_duration(float(rows[cells["experiment"]]["test_time_s"]))
     # Different methods are no seeds of one experiment: each run is its own group, and no seeds table.
     assert {(row["seed_group"], row["seeds"], row["ensemble_test_accuracy_std_over_seeds"]) for row in rows.values()} \
         == {("1", "1", ""), ("2", "1", "")}
@@ -266,6 +269,13 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
     empty.mkdir()
     assert summarize_results.main([str(empty)]) == 2
     assert "no finished experiment" in capsys.readouterr().err
+
+
+def per_run_table(results_md: Path) -> list[dict[str, str]]:
+    """The rows of results.md's first table (one per run), each as {column header: cell}."""
+    lines = results_md.read_text().split("\n\n")[0].splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
 
 
 def write_finished_run(root: Path, name: str, ensemble: float, best_single: float, **config) -> None:
@@ -312,6 +322,7 @@ def test_runs_that_differ_only_in_seeds_are_grouped(tmp_path, capsys):
 
     table = (root / "results.md").read_text()
     assert table == printed.out.split("wrote ")[0]
+    assert {cells["experiment"]: cells["test time"] for cells in per_run_table(root / "results.md")}["cx_s0"] == ""
     assert "| cx_s0, cx_s1, cx_s2 | omniglot | 5 | 1 | CxGrad | 3 | 93.00 +- 3.61 | 90.67 +- 2.08 |" in table
     assert "| maml_s0, maml_s1 | omniglot | 5 | 1 | MAML | 2 | 86.00 +- 1.41 | 85.00 +- 1.41 |" in table
     assert "cx_lr |" not in table.split("Over seeds")[1]  # a lone run has no row over seeds
