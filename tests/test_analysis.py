@@ -340,6 +340,26 @@ def test_runs_that_differ_only_in_seeds_are_grouped(tmp_path, capsys):
     assert "| cx_s0, cx_s1, cx_s2, cx_s2_again | omniglot | 5 | 1 | CxGrad | 4 runs, 3 seeds |" in printed.out
 
 
+def test_runs_paused_after_different_epochs_are_not_seeds_of_one_experiment(tmp_path, capsys):
+    """omniglot_twins.py --iterations 2000 and 7000 of one config differ only in `total_epochs_before_pause`
+    (bookkeeping), but the longer run's ensemble chose among more epochs: it is no repeat of the shorter."""
+    root = tmp_path / "experiments"
+    for name, seed, epochs in (("cx_s0_4", 0, 4), ("cx_s1_4", 1, 4), ("cx_s0_14", 0, 14)):
+        write_finished_run(root, name, 0.80 + epochs / 100, 0.79, seed=seed, contextual_grad=True,
+                           total_epochs_before_pause=epochs)
+        statistics = ExperimentPaths(root / name).summary_statistics
+        statistics.parent.mkdir(parents=True)
+        statistics.write_text("epoch,epoch_time_s\n" + "".join(f"{epoch},300.0\n" for epoch in range(epochs)))
+
+    assert summarize_results.main([str(root)]) == 0
+    printed = capsys.readouterr()
+    rows = {row["experiment"]: row for row in csv.DictReader(open(root / "results.csv"))}
+    assert rows["cx_s0_4"]["seed_group"] == rows["cx_s1_4"]["seed_group"] != rows["cx_s0_14"]["seed_group"]
+    assert (rows["cx_s0_4"]["seeds"], rows["cx_s0_14"]["seeds"], rows["cx_s0_14"]["epochs"]) == ("2", "1", "14")
+    assert float(rows["cx_s1_4"]["ensemble_test_accuracy_mean_over_seeds"]) == pytest.approx(0.84)
+    assert "warning" not in printed.err  # seed 0 twice would be reported as a repeated run
+
+
 def test_method_names():
     name = summarize_results.method_name
     assert name({"contextual_grad": True, "use_multi_step_loss_optimization": True}) == "CxGrad"

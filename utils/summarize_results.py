@@ -11,8 +11,8 @@ before it was logged), and one column per cross-domain test set (`test_summary_D
 printed, and written as `results.md` and `results.csv` into the scanned folder (or --out).
 
 Runs whose configs differ only in their seeds (`seed`, `train_seed`, `val_seed`) and in bookkeeping keys
-(BOOKKEEPING_KEYS: where a run is written, how fast it computes, what it logs) are repeats of one
-experiment. Each run's CSV row gives its group (`seed_group`), the group's number of runs (`seeds`) and of
+(BOOKKEEPING_KEYS: where a run is written, how fast it computes, what it logs), and that trained as many
+epochs, are repeats of one experiment. Each run's CSV row gives its group (`seed_group`), the group's number of runs (`seeds`) and of
 different seed triples among them (`distinct_seeds`: fewer when a run was repeated, e.g. on another device), and
 the mean and sample standard deviation over them of the ensemble and best-single-model test accuracy
 (the std is blank for a lone run); the markdown adds one row per group of two or more runs.
@@ -107,8 +107,11 @@ def experiment_result(folder: Path) -> dict[str, Any]:
     summary = read_summary(ExperimentPaths(folder).test_summary())
     config = read_experiment_config(folder)
     epochs = read_epoch_rows(folder)
-    # A run without a readable config is a group of its own.
+    # A run without a readable config is a group of its own. Runs of one config paused after different numbers
+    # of epochs (`total_epochs_before_pause` is bookkeeping) tested ensembles chosen among different epochs,
+    # e.g. omniglot_twins.py's --iterations 2000 and 7000: not repeats of one experiment.
     experiment, seeds = replicate_identity(config) if config is not None else (str(folder.resolve()), ())
+    experiment += f" after {len(epochs)} epochs"
     row = {"experiment": folder.name, "dataset": summary["dataset"], "ways": summary["ways"],
            "shots": summary["shots"], "method": method_name(config) if config is not None else "unknown",
            "ensemble_test_accuracy": summary["ensemble_test_accuracy"],
