@@ -12,10 +12,11 @@ printed, and written as `results.md` and `results.csv` into the scanned folder (
 
 Runs whose configs differ only in their seeds (`seed`, `train_seed`, `val_seed`) and in bookkeeping keys
 (BOOKKEEPING_KEYS: where a run is written, how fast it computes, what it logs), and that trained as many
-epochs, are repeats of one experiment. Each run's CSV row gives its group (`seed_group`), the group's number of runs (`seeds`) and of
-different seed triples among them (`distinct_seeds`: fewer when a run was repeated, e.g. on another device), and
-the mean and sample standard deviation over them of the ensemble and best-single-model test accuracy
-(the std is blank for a lone run); the markdown adds one row per group of two or more runs.
+epochs, are repeats of one experiment. Each run's CSV row gives its group (`seed_group`), the group's number
+of runs (`seeds`) and of different seed triples among them (`distinct_seeds`: fewer when a run was repeated,
+e.g. on another device), and the mean and sample standard deviation over them of the ensemble and
+best-single-model test accuracy (the std is blank for a lone run); the markdown adds one row per group of two
+or more runs.
 """
 from __future__ import annotations
 
@@ -109,9 +110,8 @@ def experiment_result(folder: Path) -> dict[str, Any]:
     epochs = read_epoch_rows(folder)
     # A run without a readable config is a group of its own. Runs of one config paused after different numbers
     # of epochs (`total_epochs_before_pause` is bookkeeping) tested ensembles chosen among different epochs,
-    # e.g. omniglot_twins.py's --iterations 2000 and 7000: not repeats of one experiment.
+    # e.g. omniglot_twins.py's --iterations 2000 and 7000: not repeats, so the group key holds the epochs too.
     experiment, seeds = replicate_identity(config) if config is not None else (str(folder.resolve()), ())
-    experiment += f" after {len(epochs)} epochs"
     row = {"experiment": folder.name, "dataset": summary["dataset"], "ways": summary["ways"],
            "shots": summary["shots"], "method": method_name(config) if config is not None else "unknown",
            "ensemble_test_accuracy": summary["ensemble_test_accuracy"],
@@ -121,7 +121,7 @@ def experiment_result(folder: Path) -> dict[str, Any]:
            "epochs": len(epochs), "wall_time_s": sum(row["epoch_time_s"] for row in epochs),
            "test_time_s": summary.get("test_time_s", ""),
            "seed": seeds[0] if seeds else "", "cross_domain": {},
-           "_replicate": (experiment, seeds)}  # popped by group_over_seeds
+           "_replicate": ((experiment, len(epochs)), seeds)}  # popped by group_over_seeds
     for path in ExperimentPaths(folder).cross_domain_summaries():
         cross = read_summary(path)
         row["cross_domain"][cross["dataset"]] = (cross["ensemble_test_accuracy"], cross["ensemble_test_confidence_95"])
@@ -152,7 +152,7 @@ def group_over_seeds(results: list[dict[str, Any]]) -> None:
     (`distinct_seeds`), and the mean and sample std over the group of OVER_SEEDS (std "" for a lone run).
     Runs of a group that share their seeds too are reported: they still count as two runs (e.g. the same
     run on two devices, whose arithmetic differs), but not as two seeds."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for result in results:
         experiment, _ = result["_replicate"]
         groups.setdefault(experiment, []).append(result)
