@@ -249,6 +249,17 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
         assert int(row["epochs"]) == 2
         assert float(row["wall_time_s"]) == pytest.approx(sum(float(e["epoch_time_s"]) for e in epochs))
         assert float(row["test_time_s"]) == pytest.approx(summary["test_time_s"]) and summary["test_time_s"] > 0
+        # The best epoch's validation, with the interval the test uses over the config's validation tasks.
+        tasks = yaml.safe_load(ExperimentPaths(root / name).config.read_text())["num_evaluation_tasks"]
+        best = max(epochs, key=lambda e: float(e["val_accuracy_mean"]))
+        assert int(row["best_val_epoch"]) == int(best["epoch"])
+        assert float(row["best_val_accuracy"]) == pytest.approx(float(best["val_accuracy_mean"]))
+        interval = 1.96 * float(best["val_accuracy_std"]) / tasks**0.5
+        assert float(row["best_val_confidence_95"]) == pytest.approx(interval)
+        assert float(row["last_val_accuracy"]) == pytest.approx(float(epochs[-1]["val_accuracy_mean"]))
+        validation = f"{100 * float(best['val_accuracy_mean']):.2f} +- {100 * interval:.2f} (epoch {best['epoch']})"
+        cells = {cells["experiment"]: cells for cells in per_run_table(root / "results.md")}[name]
+        assert cells["best val. acc. (%)"] == validation
         cell = f"{100 * summary['ensemble_test_accuracy']:.2f} +- {100 * summary['ensemble_test_confidence_95']:.2f}"
         assert cell in printed.out and cell in (root / "results.md").read_text()
     cross = json.loads(ExperimentPaths(root / "maml").test_summary("toy_other").read_text())
@@ -264,11 +275,54 @@ def test_results_table_lists_finished_experiments_with_their_numbers(finished_ru
     for row in rows.values():
         assert float(row["ensemble_test_accuracy_mean_over_seeds"]) == pytest.approx(float(row["ensemble_test_accuracy"]))
     assert "Over seeds" not in printed.out
+    # The run that trained but was never tested is in a table of its own, not in the CSV.
+    untested = printed.out.split("Trained, not tested")[1]
+    assert "| unfinished |" in untested and "| cxgrad |" not in untested
 
     empty = tmp_path / "nothing"
     empty.mkdir()
     assert summarize_results.main([str(empty)]) == 2
     assert "no finished experiment" in capsys.readouterr().err
+
+
+def test_runs_without_a_test_are_tabled_by_their_validation(finished_runs, tmp_path, capsys):
+    """Runs still training (or run with the test left out) show their best and last validation; two runs in
+    folders of one name (omniglot_twins.py's --out layout) are told apart by their paths."""
+    root = tmp_path / "experiments"
+    for probe in ("probe_a", "probe_b"):
+        shutil.copytree(finished_runs / "cxgrad", root / probe / "run", ignore=NO_CHECKPOINTS)
+    for summary in ExperimentPaths(root / "probe_b" / "run").logs.parent.glob("test_summary*.json"):
+        summary.unlink()
+    ExperimentPaths(root / "probe_a" / "run").test_summary().unlink()
+    statistics = ExperimentPaths(root / "probe_b" / "run").summary_statistics
+    rows = list(csv.DictReader(open(statistics)))
+    rows[0]["val_accuracy_mean"], rows[1]["val_accuracy_mean"] = "0.75", "0.5"  # the best epoch is not the last
+    rows[0]["val_accuracy_std"] = "0.2"
+    with open(statistics, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "stopped_before_an_epoch" / "logs").mkdir(parents=True)  # nothing to show: no row
+    (root / "stopped_before_an_epoch" / "logs" / "summary_statistics.csv").write_text("epoch,epoch_time_s\n")
+
+    assert summarize_results.main([str(root)]) == 0
+    printed = capsys.readouterr()
+    assert "no results.csv" in printed.out and not (root / "results.csv").exists()
+    table = (root / "results.md").read_text()
+    assert table == printed.out.split("wrote ")[0] and table.startswith("Trained, not tested")
+    tasks = yaml.safe_load(ExperimentPaths(root / "probe_b" / "run").config.read_text())["num_evaluation_tasks"]
+    interval = 100 * 1.96 * 0.2 / tasks**0.5
+    assert (f"| probe_b/run | toy | 5 | 1 | CxGrad | 75.00 +- {interval:.2f} (epoch 0) | 50.00 | 2 |"
+            in table)
+    assert "| probe_a/run | toy | 5 | 1 | CxGrad |" in table and "stopped_before_an_epoch" not in table
+
+    # A tested run of the same folder name: each table names its runs by path.
+    shutil.copytree(finished_runs / "cxgrad", root / "probe_c" / "run", ignore=NO_CHECKPOINTS)
+    assert summarize_results.main([str(root)]) == 0
+    tested, untested = capsys.readouterr().out.split("Trained, not tested")
+    assert [cells["experiment"] for cells in per_run_table(root / "results.md")] == ["probe_c/run"]
+    assert "| probe_b/run |" in untested and "| probe_a/run |" in untested and "probe_c" not in untested
+    assert [row["experiment"] for row in csv.DictReader(open(root / "results.csv"))] == ["probe_c/run"]
 
 
 def per_run_table(results_md: Path) -> list[dict[str, str]]:

@@ -4,11 +4,19 @@
 
 A finished experiment is a folder holding `test_summary.json` (written by the ensemble test). For
 each one the table gives the dataset, ways, shots, the method (from its `config.yaml`), the ensemble
-and best-single-model test accuracy +- the 95% confidence interval, the epochs trained, the training
+and best-single-model test accuracy +- the 95% confidence interval, the best validation accuracy +- its
+95% confidence interval and its epoch (from `logs/summary_statistics.csv`: 1.96 * the std over the
+`num_evaluation_tasks` validation tasks / their square root, as the test's), the epochs trained, the training
 wall time (the sum of `epoch_time_s` in `logs/summary_statistics.csv`: training and validation,
 not the test), the ensemble test's wall time (`test_time_s` in the summary; blank for summaries written
 before it was logged), and one column per cross-domain test set (`test_summary_DATASET.json`). The table is
-printed, and written as `results.md` and `results.csv` into the scanned folder (or --out).
+printed, and written as `results.md` and `results.csv` into the scanned folder (or --out). A run is named by
+its folder, or by its path under the scanned folder where folders share a name (omniglot_twins.py's layout).
+
+Experiments that trained at least one epoch but have no `test_summary.json` yet (still training, paused, or
+run with the test left out) get a table of their own in `results.md`, with the same validation columns and
+the last epoch's validation accuracy, so that a run's progress is read with the command that prints it;
+they are not in `results.csv`, whose rows are tested runs.
 
 Runs whose configs differ only in their seeds (`seed`, `train_seed`, `val_seed`) and in bookkeeping keys
 (BOOKKEEPING_KEYS: where a run is written, how fast it computes, what it logs), and that trained as many
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -92,6 +101,20 @@ def read_epoch_rows(folder: Path) -> list[dict[str, float]]:
         return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
+def best_validation(epochs: list[dict[str, float]], config: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch of highest validation accuracy: `best_val_accuracy`, `best_val_confidence_95` (1.96 * std / sqrt of
+    the number of validation tasks, as the test's interval), `best_val_epoch` (0-based, as in the CSV), and
+    `last_val_accuracy`; all "" when no epoch logged a validation accuracy."""
+    logged = [row for row in epochs if "val_accuracy_mean" in row]
+    if not logged:
+        return dict.fromkeys(("best_val_accuracy", "best_val_confidence_95", "best_val_epoch", "last_val_accuracy"), "")
+    best = max(logged, key=lambda row: row["val_accuracy_mean"])  # the earliest of equal epochs
+    tasks = int((config or {}).get("num_evaluation_tasks", FIELDS["num_evaluation_tasks"].default))
+    interval = 1.96 * best["val_accuracy_std"] / math.sqrt(tasks) if "val_accuracy_std" in best else ""
+    return {"best_val_accuracy": best["val_accuracy_mean"], "best_val_confidence_95": interval,
+            "best_val_epoch": int(best["epoch"]), "last_val_accuracy": logged[-1]["val_accuracy_mean"]}
+
+
 def read_summary(path: Path) -> dict[str, Any]:
     """A `test_summary*.json`; KeyError names the keys it lacks."""
     summary = json.loads(path.read_text())
@@ -112,12 +135,13 @@ def experiment_result(folder: Path) -> dict[str, Any]:
     # of epochs (`total_epochs_before_pause` is bookkeeping) tested ensembles chosen among different epochs,
     # e.g. omniglot_twins.py's --iterations 2000 and 7000: not repeats, so the group key holds the epochs too.
     experiment, seeds = replicate_identity(config) if config is not None else (str(folder.resolve()), ())
-    row = {"experiment": folder.name, "dataset": summary["dataset"], "ways": summary["ways"],
+    row = {"experiment": folder.name, "_folder": folder, "dataset": summary["dataset"], "ways": summary["ways"],
            "shots": summary["shots"], "method": method_name(config) if config is not None else "unknown",
            "ensemble_test_accuracy": summary["ensemble_test_accuracy"],
            "ensemble_test_confidence_95": summary["ensemble_test_confidence_95"],
            "best_single_model_test_accuracy": summary["best_single_model_test_accuracy"],
            "best_single_model_test_confidence_95": summary["best_single_model_test_confidence_95"],
+           **best_validation(epochs, config),
            "epochs": len(epochs), "wall_time_s": sum(row["epoch_time_s"] for row in epochs),
            "test_time_s": summary.get("test_time_s", ""),
            "seed": seeds[0] if seeds else "", "cross_domain": {},
@@ -139,11 +163,63 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError, KeyError) as error:
             print(f"warning: skipped {summary_path.parent}: {summary_path.name} or a file beside it cannot be "
                   f"read ({type(error).__name__}: {error})", file=sys.stderr)
-    if not results:
-        raise ResultsError(f"no finished experiment under {root} (a folder with {SUMMARY_FILE}, written by the "
-                           f"ensemble test at the end of train_maml_system.py)")
+    name_by_path(results, root)
     results.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["experiment"]))
     group_over_seeds(results)
+    return results
+
+
+def experiment_folders(root: Path) -> list[Path]:
+    """Every folder under `root` that holds a test summary or a run's `logs/summary_statistics.csv`."""
+    tested = {path.parent for path in root.rglob(SUMMARY_FILE)}
+    trained = {path.parent.parent for path in root.rglob(ExperimentPaths(root).summary_statistics.name)
+               if ExperimentPaths(path.parent.parent).summary_statistics == path}
+    return sorted(tested | trained)
+
+
+def name_by_path(results: list[dict[str, Any]], root: Path) -> None:
+    """Name each run by its folder, or by its path under `root` where experiment folders share a name (e.g. the
+    `omniglot_20way_5shot_CxGrad` inside each of omniglot_twins.py's --out folders), tested or not, so that the
+    rows of both tables tell apart."""
+    counts: dict[str, int] = {}
+    for folder in experiment_folders(root):
+        counts[folder.name] = counts.get(folder.name, 0) + 1
+    for result in results:
+        folder = result.pop("_folder")
+        if counts.get(result["experiment"], 0) > 1:
+            result["experiment"] = folder.relative_to(root).as_posix()
+
+
+def untested_result(folder: Path) -> dict[str, Any]:
+    """A row of the table of runs without a test: what the config says the run is, and its validation so far."""
+    config = read_experiment_config(folder)
+    epochs = read_epoch_rows(folder)
+    known = config is not None
+    return {"experiment": folder.name, "_folder": folder, "dataset": config.get("dataset_name", "") if known else "",
+            "ways": config.get("num_classes_per_set", "") if known else "",
+            "shots": config.get("num_samples_per_class", "") if known else "",
+            "method": method_name(config) if known else "unknown", **best_validation(epochs, config),
+            "epochs": len(epochs), "wall_time_s": sum(row.get("epoch_time_s", 0.0) for row in epochs)}
+
+
+def collect_untested(root: Path) -> list[dict[str, Any]]:
+    """Experiments under `root` that trained at least one epoch and have no `test_summary.json`, sorted."""
+    results = []
+    for folder in experiment_folders(root):
+        paths = ExperimentPaths(folder)
+        if paths.test_summary().is_file() or not paths.summary_statistics.is_file():
+            continue  # a tested run (in the main table), or a test summary without logs
+        try:
+            row = untested_result(folder)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"warning: skipped {folder}: {paths.summary_statistics.name} cannot be read "
+                  f"({type(error).__name__}: {error})", file=sys.stderr)
+            continue
+        if row["epochs"]:
+            results.append(row)
+    name_by_path(results, root)
+    # Ways and shots are "" for a run without a readable config: those sort first.
+    results.sort(key=lambda r: (str(r["dataset"]), r["ways"] or 0, r["shots"] or 0, r["method"], r["experiment"]))
     return results
 
 
@@ -186,6 +262,15 @@ def _accuracy(mean: float, spread: float) -> str:
     return f"{100 * mean:.2f} +- {100 * spread:.2f}"
 
 
+def _validation(result: dict[str, Any]) -> str:
+    """'96.90 +- 0.32 (epoch 3)', or "" for a run that logged no validation accuracy."""
+    if result["best_val_accuracy"] == "":
+        return ""
+    accuracy, spread = result["best_val_accuracy"], result["best_val_confidence_95"]
+    accuracy = _accuracy(accuracy, spread) if spread != "" else f"{100 * accuracy:.2f}"
+    return f"{accuracy} (epoch {result['best_val_epoch']})"
+
+
 def cross_domain_datasets(results: list[dict[str, Any]]) -> list[str]:
     return sorted({name for result in results for name in result["cross_domain"]})
 
@@ -193,13 +278,14 @@ def cross_domain_datasets(results: list[dict[str, Any]]) -> list[str]:
 def markdown_table(results: list[dict[str, Any]]) -> str:
     crosses = cross_domain_datasets(results)
     header = (["experiment", "dataset", "ways", "shots", "method", "ensemble test acc. (%)", "best single model (%)",
-               "epochs", "wall time", "test time"] + [f"-> {name} (ensemble, %)" for name in crosses])
+               "best val. acc. (%)", "epochs", "wall time", "test time"]
+              + [f"-> {name} (ensemble, %)" for name in crosses])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [r["experiment"], r["dataset"], str(r["ways"]), str(r["shots"]), r["method"],
                  _accuracy(r["ensemble_test_accuracy"], r["ensemble_test_confidence_95"]),
                  _accuracy(r["best_single_model_test_accuracy"], r["best_single_model_test_confidence_95"]),
-                 str(r["epochs"]), format_duration(r["wall_time_s"]) if r["epochs"] else "",
+                 _validation(r), str(r["epochs"]), format_duration(r["wall_time_s"]) if r["epochs"] else "",
                  format_duration(r["test_time_s"]) if r["test_time_s"] != "" else ""]
         cells += [_accuracy(*r["cross_domain"][name]) if name in r["cross_domain"] else "" for name in crosses]
         lines.append("| " + " | ".join(cells) + " |")
@@ -234,6 +320,22 @@ def seeds_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def untested_table(untested: list[dict[str, Any]]) -> str:
+    """Markdown, one row per run that trained but has no test yet; "" when there is none."""
+    if not untested:
+        return ""
+    header = ["experiment", "dataset", "ways", "shots", "method", "best val. acc. (%)", "last val. acc. (%)",
+              "epochs", "wall time"]
+    lines = ["Trained, not tested (no test_summary.json yet; the test's numbers come with it):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in untested:
+        last = f"{100 * r['last_val_accuracy']:.2f}" if r["last_val_accuracy"] != "" else ""
+        cells = [r["experiment"], str(r["dataset"]), str(r["ways"]), str(r["shots"]), r["method"], _validation(r),
+                 last, str(r["epochs"]), format_duration(r["wall_time_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def csv_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows, accuracies as fractions as in the summary files; every row has every column."""
     crosses = cross_domain_datasets(results)
@@ -259,17 +361,24 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = markdown_table(results)
-    over_seeds = seeds_table(results)
-    if over_seeds:
-        table += "\n" + over_seeds
+    untested = collect_untested(args.folder)
+    if not results and not untested:
+        print(f"error: no finished experiment under {args.folder} (a folder with {SUMMARY_FILE}, written by the "
+              f"ensemble test at the end of train_maml_system.py), and none that trained an epoch", file=sys.stderr)
+        return 2
+    sections = [markdown_table(results), seeds_table(results)] if results else []
+    sections.append(untested_table(untested))
+    table = "\n".join(section for section in sections if section)
     out = args.out or args.folder
     atomic_write_text(out / "results.md", table)
-    write_csv(out / "results.csv", csv_rows(results))
+    written = [out / "results.md"]
+    if results:
+        write_csv(out / "results.csv", csv_rows(results))
+        written.append(out / "results.csv")
     print(table, end="")
-    print(f"wrote {out / 'results.md'} and {out / 'results.csv'}")
+    print("wrote " + " and ".join(str(path) for path in written)
+          + ("" if results else " (no tested experiment: no results.csv)"))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
