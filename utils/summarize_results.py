@@ -152,37 +152,23 @@ def experiment_result(folder: Path) -> dict[str, Any]:
     return row
 
 
-def collect_results(root: Path) -> list[dict[str, Any]]:
-    """Every finished experiment under `root` (itself included), sorted; unreadable ones are reported and skipped."""
+def experiment_folders(root: Path) -> list[Path]:
+    """Every folder under `root` (itself included) that holds a test summary or a run's
+    `logs/summary_statistics.csv`, sorted: one walk of the tree, shared by both tables and their names."""
     if not root.is_dir():
         raise ResultsError(f"{root} is not a folder; give the folder holding the experiments, e.g. experiments/")
-    results = []
-    for summary_path in sorted(root.rglob(SUMMARY_FILE)):
-        try:
-            results.append(experiment_result(summary_path.parent))
-        except (OSError, ValueError, KeyError) as error:
-            print(f"warning: skipped {summary_path.parent}: {summary_path.name} or a file beside it cannot be "
-                  f"read ({type(error).__name__}: {error})", file=sys.stderr)
-    name_by_path(results, root)
-    results.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["experiment"]))
-    group_over_seeds(results)
-    return results
-
-
-def experiment_folders(root: Path) -> list[Path]:
-    """Every folder under `root` that holds a test summary or a run's `logs/summary_statistics.csv`."""
     tested = {path.parent for path in root.rglob(SUMMARY_FILE)}
     trained = {path.parent.parent for path in root.rglob(ExperimentPaths(root).summary_statistics.name)
                if ExperimentPaths(path.parent.parent).summary_statistics == path}
     return sorted(tested | trained)
 
 
-def name_by_path(results: list[dict[str, Any]], root: Path) -> None:
+def name_by_path(results: list[dict[str, Any]], root: Path, folders: list[Path]) -> None:
     """Name each run by its folder, or by its path under `root` where experiment folders share a name (e.g. the
     `omniglot_20way_5shot_CxGrad` inside each of omniglot_twins.py's --out folders), tested or not, so that the
     rows of both tables tell apart."""
     counts: dict[str, int] = {}
-    for folder in experiment_folders(root):
+    for folder in folders:
         counts[folder.name] = counts.get(folder.name, 0) + 1
     for result in results:
         folder = result.pop("_folder")
@@ -190,22 +176,39 @@ def name_by_path(results: list[dict[str, Any]], root: Path) -> None:
             result["experiment"] = folder.relative_to(root).as_posix()
 
 
+def collect_results(root: Path, folders: list[Path]) -> list[dict[str, Any]]:
+    """The finished experiments among `folders` (from experiment_folders(root)), sorted; unreadable ones are
+    reported and skipped."""
+    results = []
+    for folder in folders:
+        if not ExperimentPaths(folder).test_summary().is_file():
+            continue
+        try:
+            results.append(experiment_result(folder))
+        except (OSError, ValueError, KeyError) as error:
+            print(f"warning: skipped {folder}: {SUMMARY_FILE} or a file beside it cannot be "
+                  f"read ({type(error).__name__}: {error})", file=sys.stderr)
+    name_by_path(results, root, folders)
+    results.sort(key=lambda r: (r["dataset"], r["ways"], r["shots"], r["method"], r["experiment"]))
+    group_over_seeds(results)
+    return results
+
+
 def untested_result(folder: Path) -> dict[str, Any]:
     """A row of the table of runs without a test: what the config says the run is, and its validation so far."""
     config = read_experiment_config(folder)
+    settings = config or {}
     epochs = read_epoch_rows(folder)
-    known = config is not None
-    return {"experiment": folder.name, "_folder": folder, "dataset": config.get("dataset_name", "") if known else "",
-            "ways": config.get("num_classes_per_set", "") if known else "",
-            "shots": config.get("num_samples_per_class", "") if known else "",
-            "method": method_name(config) if known else "unknown", **best_validation(epochs, config),
+    return {"experiment": folder.name, "_folder": folder, "dataset": settings.get("dataset_name", ""),
+            "ways": settings.get("num_classes_per_set", ""), "shots": settings.get("num_samples_per_class", ""),
+            "method": method_name(config) if config is not None else "unknown", **best_validation(epochs, config),
             "epochs": len(epochs), "wall_time_s": sum(row.get("epoch_time_s", 0.0) for row in epochs)}
 
 
-def collect_untested(root: Path) -> list[dict[str, Any]]:
-    """Experiments under `root` that trained at least one epoch and have no `test_summary.json`, sorted."""
+def collect_untested(root: Path, folders: list[Path]) -> list[dict[str, Any]]:
+    """The experiments among `folders` that trained at least one epoch and have no `test_summary.json`, sorted."""
     results = []
-    for folder in experiment_folders(root):
+    for folder in folders:
         paths = ExperimentPaths(folder)
         if paths.test_summary().is_file() or not paths.summary_statistics.is_file():
             continue  # a tested run (in the main table), or a test summary without logs
@@ -217,7 +220,7 @@ def collect_untested(root: Path) -> list[dict[str, Any]]:
             continue
         if row["epochs"]:
             results.append(row)
-    name_by_path(results, root)
+    name_by_path(results, root, folders)
     # Ways and shots are "" for a run without a readable config: those sort first.
     results.sort(key=lambda r: (str(r["dataset"]), r["ways"] or 0, r["shots"] or 0, r["method"], r["experiment"]))
     return results
@@ -357,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="where results.md and results.csv go (default: the scanned folder)")
     args = parser.parse_args(argv)
     try:
-        results = collect_results(args.folder)
+        folders = experiment_folders(args.folder)
     except ResultsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    untested = collect_untested(args.folder)
+    results = collect_results(args.folder, folders)
+    untested = collect_untested(args.folder, folders)
     if not results and not untested:
         print(f"error: no finished experiment under {args.folder} (a folder with {SUMMARY_FILE}, written by the "
               f"ensemble test at the end of train_maml_system.py), and none that trained an epoch", file=sys.stderr)
