@@ -464,3 +464,17 @@ def test_a_run_from_before_a_key_existed_is_not_grouped_with_todays_default():
     assert summarize_results.replicate_identity(old)[0] != summarize_results.replicate_identity(today)[0]
     explicit_old = {**old, "activation": "relu", "input_normalisation": "dataset_statistics"}
     assert summarize_results.replicate_identity(old) == summarize_results.replicate_identity(explicit_old)
+
+
+def test_best_validation_without_a_logged_std_shows_the_accuracy_alone():
+    """A log with validation means but no std (a hand-made or older CSV) gives no interval rather than a crash."""
+    epochs = [{"epoch": 0.0, "val_accuracy_mean": 0.8}, {"epoch": 1.0, "val_accuracy_mean": 0.9},
+              {"epoch": 2.0, "val_accuracy_mean": 0.85}]
+    best = summarize_results.best_validation(epochs, {"num_evaluation_tasks": 100})
+    assert best == {"best_val_accuracy": 0.9, "best_val_confidence_95": "", "best_val_epoch": 1,
+                    "last_val_accuracy": 0.85}
+    assert summarize_results._validation(best) == "90.00 (epoch 1)"
+    with_std = summarize_results.best_validation([{**row, "val_accuracy_std": 0.1} for row in epochs],
+                                                 {"num_evaluation_tasks": 100})
+    assert summarize_results._validation(with_std) == "90.00 +- 1.96 (epoch 1)"
+    assert summarize_results.best_validation([{"epoch": 0.0, "epoch_time_s": 3.0}], None)["best_val_epoch"] == ""
