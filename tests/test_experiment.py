@@ -18,6 +18,7 @@ import experiment_builder
 from data import FewShotDataProvider, load_split
 from experiment_builder import ExperimentBuilder, mean_and_confidence, progress_line
 from utils.checkpoints import CheckpointError, read_checkpoint
+from utils import summarize_results
 from utils.experiment_paths import ExperimentPaths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,29 @@ def test_resume_is_exact(tiny_config, method):
     for key in straight_optimizer:
         assert torch.equal(straight_optimizer[key]["exp_avg"], resumed_optimizer[key]["exp_avg"])
     assert straight.state["epoch_rows"][1]["val_accuracy_mean"] == second.state["epoch_rows"][1]["val_accuracy_mean"]
+
+
+def test_a_checkpoint_from_before_a_logged_column_resumes_and_leaves_its_epochs_blank_there(tiny_config):
+    first = ExperimentBuilder(tiny_config(total_epochs=2, total_epochs_before_pause=1))
+    first._resume()
+    assert first.train() is False  # paused after epoch 0
+    # An older version's checkpoint: its epoch rows lack a column this version logs.
+    latest = first.paths.latest_checkpoint
+    checkpoint = read_checkpoint(latest)
+    for row in checkpoint["experiment"]["epoch_rows"]:
+        del row["nonfinite_iterations_skipped"]
+    torch.save(checkpoint, latest)
+
+    second = ExperimentBuilder(tiny_config(total_epochs=2))
+    second._resume()
+    assert second.train() is True
+    rows = list(csv.DictReader(open(second.paths.summary_statistics)))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert [row["nonfinite_iterations_skipped"] for row in rows] == ["", "0"]
+    assert rows[0]["val_accuracy_mean"] == str(checkpoint["experiment"]["epoch_rows"][0]["val_accuracy_mean"])
+    epochs = summarize_results.read_epoch_rows(second.config.experiment_folder)
+    assert "nonfinite_iterations_skipped" not in epochs[0] and epochs[1]["nonfinite_iterations_skipped"] == 0.0
+    assert summarize_results.best_validation(epochs, None)["best_val_epoch"] in (0, 1)
 
 
 def test_experiment_files_checkpoints_and_ensemble_summary(tiny_config):

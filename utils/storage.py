@@ -56,10 +56,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One column per key any row has, in the order they first appear; a row without a key leaves its cell blank
+    (the epochs of a checkpoint from before a logged quantity existed, resumed by a version that logs it)."""
     if not rows:
         return
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)), restval="")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())

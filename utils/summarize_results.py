@@ -93,12 +93,12 @@ def replicate_identity(config: dict[str, Any]) -> tuple[str, tuple]:
 
 
 def read_epoch_rows(folder: Path) -> list[dict[str, float]]:
-    """`logs/summary_statistics.csv` as floats; [] when the experiment has none."""
+    """`logs/summary_statistics.csv` as floats, a blank cell left out of its row; [] when the experiment has none."""
     path = ExperimentPaths(folder).summary_statistics
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
 
 
 def best_validation(epochs: list[dict[str, float]], config: Optional[dict[str, Any]]) -> dict[str, Any]:
