@@ -101,8 +101,11 @@ class ExperimentBuilder:
     def _restore(self, checkpoint: Checkpoint, path: Path, restore_training: bool) -> None:
         self.checkpoints.restore(checkpoint, path, self.model, restore_training)
         if restore_training:
-            # Checkpoints from before a state key existed resume with its fresh value.
-            self.state = {**fresh_state(), **checkpoint["experiment"]}
+            # Checkpoints from before a state key existed resume with its fresh value, inside the epoch's
+            # progress too (a mid-epoch checkpoint carries the progress as that version made it).
+            saved = checkpoint["experiment"]
+            self.state = {**fresh_state(), **saved,
+                          "epoch_progress": {**fresh_epoch_progress(), **saved.get("epoch_progress", {})}}
 
     def _resume(self) -> None:
         choice = self.config.continue_from_epoch

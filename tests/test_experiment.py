@@ -85,6 +85,26 @@ def test_a_checkpoint_from_before_a_logged_column_resumes_and_leaves_its_epochs_
     assert summarize_results.best_validation(epochs, None)["best_val_epoch"] == logged.index(max(logged))
 
 
+def test_a_checkpoint_from_before_a_state_key_resumes_with_its_fresh_value(tiny_config):
+    first = ExperimentBuilder(tiny_config(total_epochs=2, total_epochs_before_pause=1))
+    first._resume()
+    assert first.train() is False  # paused after epoch 0
+    # An older version's checkpoint: it lacks a top-level state key and two of the epoch progress's keys.
+    latest = first.paths.latest_checkpoint
+    checkpoint = read_checkpoint(latest)
+    del checkpoint["experiment"]["nonfinite_in_a_row"]
+    del checkpoint["experiment"]["epoch_progress"]["seconds"], checkpoint["experiment"]["epoch_progress"]["skipped"]
+    torch.save(checkpoint, latest)
+
+    second = ExperimentBuilder(tiny_config(total_epochs=2))
+    second._resume()
+    assert second.state["nonfinite_in_a_row"] == 0
+    assert second.state["epoch_progress"] == experiment_builder.fresh_epoch_progress()
+    assert second.train() is True
+    assert [row["epoch"] for row in second.state["epoch_rows"]] == [0, 1]
+    assert second.state["epoch_rows"][1]["nonfinite_iterations_skipped"] == 0
+
+
 def test_experiment_files_checkpoints_and_ensemble_summary(tiny_config):
     config = tiny_config(contextual_grad=True, total_epochs=4, max_models_to_save=2)
     started = time.monotonic()
