@@ -61,13 +61,17 @@ def test_resume_is_exact(tiny_config, method):
     assert straight.state["epoch_rows"][1]["val_accuracy_mean"] == second.state["epoch_rows"][1]["val_accuracy_mean"]
 
 
-def test_a_checkpoint_from_before_a_logged_column_resumes_and_leaves_its_epochs_blank_there(tiny_config):
+def checkpoint_paused_after_epoch_0(tiny_config) -> tuple[Path, dict]:
+    """Train one epoch of two and pause: the latest checkpoint's path and contents, to edit as an older version's."""
     first = ExperimentBuilder(tiny_config(total_epochs=2, total_epochs_before_pause=1))
     first._resume()
     assert first.train() is False  # paused after epoch 0
+    return first.paths.latest_checkpoint, read_checkpoint(first.paths.latest_checkpoint)
+
+
+def test_a_checkpoint_from_before_a_logged_column_resumes_and_leaves_its_epochs_blank_there(tiny_config):
+    latest, checkpoint = checkpoint_paused_after_epoch_0(tiny_config)
     # An older version's checkpoint: its epoch rows lack a column this version logs.
-    latest = first.paths.latest_checkpoint
-    checkpoint = read_checkpoint(latest)
     for row in checkpoint["experiment"]["epoch_rows"]:
         del row["nonfinite_iterations_skipped"]
     torch.save(checkpoint, latest)
@@ -86,12 +90,8 @@ def test_a_checkpoint_from_before_a_logged_column_resumes_and_leaves_its_epochs_
 
 
 def test_a_checkpoint_from_before_a_state_key_resumes_with_its_fresh_value(tiny_config):
-    first = ExperimentBuilder(tiny_config(total_epochs=2, total_epochs_before_pause=1))
-    first._resume()
-    assert first.train() is False  # paused after epoch 0
+    latest, checkpoint = checkpoint_paused_after_epoch_0(tiny_config)
     # An older version's checkpoint: it lacks a top-level state key and two of the epoch progress's keys.
-    latest = first.paths.latest_checkpoint
-    checkpoint = read_checkpoint(latest)
     del checkpoint["experiment"]["nonfinite_in_a_row"]
     del checkpoint["experiment"]["epoch_progress"]["seconds"], checkpoint["experiment"]["epoch_progress"]["skipped"]
     torch.save(checkpoint, latest)
